@@ -1,0 +1,170 @@
+"""Find and load a diffusers-format text-to-image latent-diffusion folder.
+
+One code path for every model: the shipped ToyWorld prior, SD-1.x/2.x from the Hub, or any local
+folder. `resolve_model` turns a preset name / path / hub id into a local folder; `load_components`
+reads `model_index.json` and loads each component with the class it names, from safetensors only
+(pickles need `allow_pickle=true`, and then load with `weights_only`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from .config import CONFIG_DIR, load_yaml
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTED = ("unet", "vae", "text_encoder")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+
+
+def model_presets() -> dict[str, dict]:
+    """Preset name -> its YAML (`configs/models/<name>.yaml`: `id:` a hub id, or `path:` inside this repo)."""
+    return {p.stem: load_yaml(p) for p in sorted((CONFIG_DIR / "models").glob("*.yaml"))}
+
+
+def resolve_model(name: str, revision: str | None = None) -> tuple[str, Path]:
+    """`name` (preset, local folder or hub id) -> (id to record, local folder)."""
+    presets = model_presets()
+    if name in presets:
+        preset = presets[name]
+        if "path" in preset:  # a model shipped inside this repository (ToyWorld)
+            local = REPO_ROOT / preset["path"]
+            if not (local / "model_index.json").is_file():
+                raise UserError(f"model preset '{name}' expects {local}, which is missing; "
+                                f"train it with `python run.py train prior` or pass model=PATH")
+            return name, local
+        name, revision = str(preset["id"]), preset.get("revision", revision)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {path} is a file; pass the diffusers-format folder that holds model_index.json")
+        return str(path.resolve()), path
+    if _looks_like_hub_id(name):
+        return name, _download(name, revision)
+    known = ", ".join(presets) or "none"
+    raise UserError(f"unknown model '{name}': not a preset ({known}) and no such path exists")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Hub id -> local snapshot (cache first, so an offline machine with a cached copy works)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["model_index.json", "*.json", "*.txt", "*.model", "*.safetensors"]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        logger.info("downloading %s from the Hugging Face Hub", repo_id)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"cannot fetch '{repo_id}' from the Hugging Face Hub ({reason}); download it on a machine with "
+            f"network (`hf download {repo_id} --local-dir DIR`) and pass model=DIR"
+        ) from None
+
+
+def check_folder(path: Path, allow_pickle: bool) -> dict:
+    """Validate the folder layout before loading anything; returns model_index.json."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(f"{path} is not a diffusers-format model folder: it has no model_index.json")
+    try:
+        index = json.loads(index_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{index_file} is not valid JSON: {e}") from None
+    for name in COMPONENTS:
+        spec = index.get(name)
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0]) or not (path / name).is_dir():
+            raise UserError(f"model folder {path} is missing the '{name}' component (expected {path / name}/ "
+                            f"and an entry in model_index.json)")
+    for name in WEIGHTED:
+        _check_weights(path / name, allow_pickle)
+    return index
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    if not safetensors and not pickles:
+        raise UserError(f"{folder} holds no weights (*.safetensors)")
+    if not safetensors and not allow_pickle:
+        raise UserError(f"{folder} has only pickle weights ({pickles[0].name}); these can run code when loaded. "
+                        f"Convert them to safetensors, or pass allow_pickle=true if you trust the source")
+    for p in safetensors:
+        _check_safetensors(p)
+
+
+def _check_safetensors(path: Path) -> None:
+    """Parse the header and check the payload size, so truncation is caught before loading."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length out of range")
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        if 8 + n + max(ends, default=0) > size:
+            raise ValueError(f"file is {size} bytes but its header needs {8 + n + max(ends)}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}); re-download or re-export it") from None
+
+
+def load_components(path: Path, index: dict, allow_pickle: bool) -> dict:
+    """Load unet, vae, text_encoder, tokenizer and scheduler with the classes model_index.json names."""
+    if allow_pickle:
+        # torch.load honours this for every call inside transformers/diffusers: tensors only, no code.
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    out = {}
+    for name in COMPONENTS:
+        library, class_name = index[name]
+        try:
+            cls = getattr(importlib.import_module(library), class_name)
+        except (ImportError, AttributeError):
+            raise UserError(f"model_index.json names {library}.{class_name} for '{name}', which is not installed") from None
+        kwargs = {}
+        if name in WEIGHTED:
+            kwargs = {"use_safetensors": not allow_pickle or _has_safetensors(path / name), "local_files_only": True}
+        try:
+            if name == "scheduler":
+                out[name] = cls.from_pretrained(path, subfolder=name)
+            else:
+                out[name] = cls.from_pretrained(path / name, **kwargs)
+        except UserError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"cannot load '{name}' from {path / name}: {first}") from None
+    return out
+
+
+def _has_safetensors(folder: Path) -> bool:
+    return any(p.suffix == ".safetensors" for p in folder.iterdir())
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over every file of the model folder (relative names and bytes), in a fixed order."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and ".cache" not in q.parts):
+        h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 23):
+                h.update(chunk)
+    return h.hexdigest()

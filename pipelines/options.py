@@ -1,0 +1,70 @@
+"""Option groups shared by every job's config (flat keys: `model=sd15 steps=20 seed=3`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from .config import option
+from .errors import UserError
+from .runtime import DTYPES
+from .schedulers import BETA_SCHEDULES, SAMPLERS
+
+
+@dataclass
+class PriorOptions:
+    """Which prior to load, and where to run it."""
+
+    model: str = option("toyworld", "model preset (configs/models/), local diffusers folder, or hub id")
+    revision: Optional[str] = option(None, "hub revision (branch, tag or commit) when model is a hub id")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = option("auto", "auto (bf16 on capable GPUs, fp32 on CPU), fp32, fp16 or bf16")
+    allow_pickle: bool = option(False, "allow .bin/.ckpt/.pt pickle weights (loaded with weights_only)")
+    beta_schedule: Optional[str] = option(None, "noise schedule override: linear, scaled_linear or cosine (default: the model's)")
+
+    def validate(self) -> None:
+        if not self.model.strip():
+            raise UserError("model is empty: name a preset, a local folder or a hub id")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype '{self.dtype}': use auto, fp32, fp16 or bf16")
+        if self.beta_schedule is not None and self.beta_schedule not in BETA_SCHEDULES:
+            raise UserError(f"unknown beta_schedule '{self.beta_schedule}': choose one of {', '.join(BETA_SCHEDULES)}")
+
+
+@dataclass
+class SamplingOptions(PriorOptions):
+    """How to sample from the prior: shared by the image and video jobs."""
+
+    negative: str = option("", "negative prompt (what to steer away from)")
+    sampler: str = option("ddim", f"sampler: {', '.join(SAMPLERS)}")
+    steps: int = option(25, "number of denoising steps")
+    guidance: float = option(7.5, "classifier-free guidance scale (1 disables guidance)")
+    seed: int = option(0, "random seed; the same seed and config give the same output")
+    height: Optional[int] = option(None, "output height in pixels (default: the model's native size)")
+    width: Optional[int] = option(None, "output width in pixels (default: the model's native size)")
+    decode_chunk: int = option(8, "images the VAE decodes at a time (lower it to save memory)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.sampler not in SAMPLERS:
+            raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 1:
+            raise UserError(f"steps must be at least 1, got {self.steps}")
+        if not self.guidance >= 0 or self.guidance == float("inf"):
+            raise UserError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be a positive number of pixels, got {value}")
+        if self.decode_chunk < 1:
+            raise UserError(f"decode_chunk must be at least 1, got {self.decode_chunk}")
+
+    def image_size(self, native: int, factor: int) -> tuple[int, int]:
+        """(height, width), defaulting to the model's native size; both must be multiples of the VAE factor."""
+        height, width = self.height or native, self.width or native
+        for name, value in (("height", height), ("width", width)):
+            if value % factor:
+                lower, upper = value // factor * factor, (value // factor + 1) * factor
+                raise UserError(f"{name}={value} is not a multiple of the VAE factor {factor}; "
+                                f"use {lower or upper} or {upper}")
+        return height, width

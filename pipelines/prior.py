@@ -1,0 +1,193 @@
+"""The shared text-to-image latent-diffusion prior and its one small interface.
+
+Every job (image, video, 3D) talks to the pretrained model only through `Prior`:
+
+    text  = prior.encode_prompt(["a red cube"], negative="")        # Conditioning(cond, uncond)
+    eps   = prior.predict_noise(x_t, t, text, guidance=7.5)         # CFG in one batched UNet call
+    x_t   = prior.add_noise(x0, noise, t);  x0 = prior.to_x0(x_t, eps, t)
+    lat   = prior.encode_images(images);    images = prior.decode_latents(lat)   # chunked VAE
+
+It is the only module that knows about tokenizers, text encoders, VAEs, noise schedules and
+classifier-free guidance. `predict_noise` always returns epsilon, whatever the model predicts
+(epsilon or v), so samplers and SDS need not care.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .loading import check_folder, content_hash, load_components, resolve_model
+from .schedulers import beta_schedule_config
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Conditioning:
+    """Text embeddings for a batch: `cond` for the prompts, `uncond` for the negative prompts. (B, L, D)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+
+    def repeat(self, n: int) -> "Conditioning":
+        """Each prompt n times in a row (like diffusers' num_images_per_prompt)."""
+        return Conditioning(self.cond.repeat_interleave(n, 0), self.uncond.repeat_interleave(n, 0))
+
+
+class Prior:
+    def __init__(self, components: dict, device: torch.device, dtype: torch.dtype,
+                 beta_schedule: str | None = None, model_id: str = "", path: Path | None = None):
+        self.device, self.dtype = device, dtype
+        self.model_id, self.path = model_id, path
+        self.tokenizer = components["tokenizer"]
+        self.text_encoder = components["text_encoder"].to(device, dtype).eval().requires_grad_(False)
+        self.unet = components["unet"].to(device, dtype).eval().requires_grad_(False)
+        self.vae = components["vae"].to(device, dtype).eval().requires_grad_(False)
+        self.noise_config = beta_schedule_config(components["scheduler"].config, beta_schedule)
+        self.prediction_type = self.noise_config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UserError(f"unsupported prediction_type '{self.prediction_type}' in the model's scheduler config")
+        # The training noise schedule: alpha_bar(t) for integer t, interpolated for fractional t (Euler).
+        from diffusers import DDPMScheduler
+
+        self.alphas_cumprod = DDPMScheduler.from_config(self.noise_config).alphas_cumprod.to(device, torch.float32)
+        self.num_train_timesteps = len(self.alphas_cumprod)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.unet.config.in_channels
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        allow_pickle: bool = False, beta_schedule: str | None = None,
+                        revision: str | None = None) -> "Prior":
+        """Load any diffusers-format text-to-image folder, preset name or hub id."""
+        model_id, path = resolve_model(model, revision)
+        index = check_folder(path, allow_pickle)
+        components = load_components(path, index, allow_pickle)
+        return cls(components, torch.device(device), dtype, beta_schedule, model_id, path)
+
+    def content_hash(self) -> str:
+        return content_hash(self.path) if self.path is not None else ""
+
+    @property
+    def default_size(self) -> int:
+        """The resolution the model was trained at (UNet sample size times the VAE factor)."""
+        size = self.unet.config.sample_size
+        return (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str] | str, negative: list[str] | str | None = None) -> Conditioning:
+        """Embed prompts and negative prompts (default: the empty prompt) as the model was trained."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negative = negative or ""
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negative) != len(prompts):
+            raise UserError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
+        return Conditioning(self._embed(prompts, warn=True), self._embed(negative, warn=False))
+
+    def _embed(self, texts: list[str], warn: bool) -> torch.Tensor:
+        tok = self.tokenizer
+        inputs = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        if warn:
+            self._warn_truncated(texts, inputs.input_ids)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = inputs.attention_mask.to(self.device)
+        return self.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+
+    def _warn_truncated(self, texts: list[str], ids: torch.Tensor) -> None:
+        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] <= ids.shape[-1]:
+            return
+        for row in full[:, self.tokenizer.model_max_length - 1 : -1]:
+            cut = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            if cut:
+                logger.warning("prompt longer than %d tokens was truncated; dropped: %r",
+                               self.tokenizer.model_max_length, cut)
+
+    # ------------------------------------------------------------------------------- noise schedule
+    def alpha_sigma(self, t: torch.Tensor | float | int, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t), shaped to broadcast over an `ndim`-D batch."""
+        t = torch.as_tensor(t, device=self.device, dtype=torch.float32).clamp(0, self.num_train_timesteps - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.num_train_timesteps - 1)
+        w = t - lo
+        abar = self.alphas_cumprod[lo] * (1 - w) + self.alphas_cumprod[hi] * w
+        abar = abar.reshape(abar.shape + (1,) * (ndim - abar.ndim)) if abar.ndim else abar
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """Forward process q(x_t | x_0) (Ho et al. 2020, eq. 4)."""
+        a, s = self.alpha_sigma(t, x0.ndim)
+        return a * x0 + s * noise
+
+    def to_x0(self, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        a, s = self.alpha_sigma(t, x_t.ndim)
+        return (x_t - s * eps) / a
+
+    def eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
+        a, s = self.alpha_sigma(t, x_t.ndim)
+        return (x_t - a * x0) / s
+
+    def eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
+        """v = a*eps - s*x0 (Salimans & Ho 2022), so eps = s*x_t + a*v."""
+        a, s = self.alpha_sigma(t, x_t.ndim)
+        return s * x_t + a * v
+
+    def v_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        a, s = self.alpha_sigma(t, x_t.ndim)
+        return (eps - s * x_t) / a
+
+    # ----------------------------------------------------------------------------------------- UNet
+    def predict_noise(self, x_t: torch.Tensor, t, text: Conditioning, guidance: float,
+                      **unet_kwargs) -> torch.Tensor:
+        """Guided epsilon: eps_u + guidance * (eps_c - eps_u), both halves in ONE UNet call.
+
+        guidance == 1 is plain conditional prediction (no unconditional half is run).
+        `t` is a scalar or one timestep per sample. Returns float32 like `x_t`.
+        """
+        cfg = guidance != 1.0
+        x_in = torch.cat([x_t, x_t]) if cfg else x_t
+        emb = torch.cat([text.uncond, text.cond]) if cfg else text.cond
+        t = torch.as_tensor(t, device=self.device)
+        t_in = torch.cat([t, t]) if cfg and t.ndim == 1 else t
+        out = self.unet(x_in.to(self.dtype), t_in, encoder_hidden_states=emb, **unet_kwargs).sample.float()
+        out = self._to_eps(x_in.float(), out, t_in)
+        if not cfg:
+            return out
+        eps_uncond, eps_cond = out.chunk(2)
+        return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    def _to_eps(self, x_t: torch.Tensor, out: torch.Tensor, t) -> torch.Tensor:
+        if self.prediction_type == "v_prediction":
+            return self.eps_from_v(x_t, out, t)
+        if self.prediction_type == "sample":
+            return self.eps_from_x0(x_t, out, t)
+        return out
+
+    # ------------------------------------------------------------------------------------------ VAE
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                      chunk: int = 8, sample: bool = True) -> torch.Tensor:
+        """Images in [0, 1], (B, 3, H, W) -> scaled latents (B, C, H/f, W/f), `chunk` images at a time."""
+        out = []
+        for x in images.split(chunk):
+            dist = self.vae.encode((x * 2 - 1).to(self.device, self.dtype)).latent_dist
+            z = dist.sample(generator) if sample else dist.mode()
+            out.append((z.float() - self.shift_factor) * self.scaling_factor)
+        return torch.cat(out)
+
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """Scaled latents (B, C, h, w) -> images in [0, 1], (B, 3, h*f, w*f), float32."""
+        out = []
+        for z in latents.split(chunk):
+            z = z.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+            out.append((self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1))
+        return torch.cat(out)

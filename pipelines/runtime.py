@@ -1,0 +1,149 @@
+"""Run-time plumbing every job shares: device/dtype choice, run directories, atomic writes.
+
+A run directory is `OUT/<job>/<YYYYmmdd-HHMMSS>-<prompt-slug>/`. It is created exclusively (a second
+run with the same name gets `-2`, `-3`, ...), so nothing is ever overwritten, and every file in it
+is written to a hidden temp file and renamed into place, so a killed run leaves no half-written
+file under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import torch
+import yaml
+
+from .errors import UserError
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda > mps > cpu, unless the user named one."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp16 on other accelerators, fp32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype '{name}': use auto, fp32, fp16 or bf16")
+    return DTYPES[name]
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    """A file-name-safe slug: lowercase [a-z0-9-], no separators, no '..', bounded length."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "untitled"
+
+
+def make_run_dir(out: str | Path, job: str, prompt: str) -> Path:
+    """Create a fresh run directory; never reuses an existing one."""
+    root = Path(out) / job
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
+    if not os.access(root, os.W_OK):
+        raise UserError(f"output directory {root} is not writable; pass --out DIR with a writable DIR")
+    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(prompt)}"
+    for i in range(1, 10_000):
+        path = root / (stem if i == 1 else f"{stem}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
+    raise UserError(f"too many runs named {stem} in {root}")
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_yaml(path: str | Path, data) -> None:
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def save_image(path: str | Path, image) -> None:
+    """Save a PIL image atomically (format from the final name's suffix)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "accelerate", "safetensors"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+class Timer:
+    """Wall time per named stage: `with timer("denoise"): ...` -> timer.stages["denoise"] seconds."""
+
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[stage] = round(self.stages.get(stage, 0.0) + time.perf_counter() - start, 4)
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name, *sys.argv])

@@ -1,0 +1,192 @@
+"""run.py end to end on tiny models: the run-directory contract, determinism, and every bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import run
+from pipelines.runtime import atomic_path, slugify
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*argv) -> int:
+    return run.main([str(a) for a in argv])
+
+
+def run_dirs(out: Path, job: str = "image") -> list[Path]:
+    root = out / job
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+def test_image_run_directory_contract(tiny_sd, tmp_path):
+    assert run_cli("image", "a red cube", f"model={tiny_sd}", "steps=2", "num_images=3", "seed=5",
+                   "--out", tmp_path, "--quiet") == 0
+    [d] = run_dirs(tmp_path)
+    assert d.name.endswith("-a-red-cube")
+    pngs = sorted(d.glob("*.png"))
+    assert [p.name for p in pngs] == ["image_00.png", "image_01.png", "image_02.png"]
+    assert Image.open(pngs[0]).size == (16, 16)
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    assert cfg["steps"] == 2 and cfg["num_images"] == 3 and cfg["prompt"] == "a red cube"
+    meta = json.loads((d / "metadata.json").read_text())
+    for key in ("prompt", "negative", "seed", "model", "model_hash", "versions", "device", "dtype", "timings_s"):
+        assert key in meta, key
+    assert meta["seed"] == 5 and meta["device"] == "cpu" and meta["dtype"] == "float32"
+    assert len(meta["model_hash"]) == 64 and meta["versions"]["torch"]
+    assert {"load", "encode_prompt", "denoise", "decode", "save"} <= set(meta["timings_s"])
+    assert not list(d.glob(".*")), "temp files left behind"
+
+
+def test_never_overwrites_and_is_deterministic(tiny_sd, tmp_path):
+    for _ in range(2):
+        assert run_cli("image", "a red cube", f"model={tiny_sd}", "steps=2", "--out", tmp_path, "--quiet") == 0
+    assert run_cli("image", "a red cube", f"model={tiny_sd}", "steps=2", "seed=1", "--out", tmp_path, "--quiet") == 0
+    a, b, c = [np.asarray(Image.open(d / "image_00.png")) for d in run_dirs(tmp_path)]
+    assert len({d.name for d in run_dirs(tmp_path)}) == 3
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 0
+
+
+def test_prompts_file_one_run_per_prompt(tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\n# a comment\na blue ball\n")
+    assert run_cli("image", "--prompts", prompts, f"model={tiny_sd}", "steps=1", "--out", tmp_path / "o", "--quiet") == 0
+    dirs = run_dirs(tmp_path / "o")
+    metas = sorted((json.loads((d / "metadata.json").read_text()) for d in dirs), key=lambda m: m["seed"])
+    assert [(m["prompt"], m["seed"]) for m in metas] == [("a red cube", 0), ("a blue ball", 1)]
+
+
+def test_unknown_key_names_nearest(capsys, tmp_path):
+    assert run_cli("image", "a red cube", "stesp=3", "--out", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "stesp" in err and "'steps'" in err
+    assert not (tmp_path / "image").exists()
+
+
+def make_corrupt(tiny_sd, tmp_path):
+    bad = tmp_path / "corrupt"
+    shutil.copytree(tiny_sd, bad)
+    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return bad
+
+
+def make_missing(tiny_sd, tmp_path):
+    bad = tmp_path / "missing"
+    shutil.copytree(tiny_sd, bad)
+    shutil.rmtree(bad / "vae")
+    return bad
+
+
+def make_pickled(tiny_sd, tmp_path):
+    """The same model with the UNet saved as a pickle (.bin) instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    bad = tmp_path / "pickled"
+    shutil.copytree(tiny_sd, bad)
+    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(f), bad / "unet" / "diffusion_pytorch_model.bin")
+    f.unlink()
+    return bad
+
+
+BAD_INPUTS = {
+    "empty prompt": (lambda m, t: ["   ", f"model={m}"], "prompt is empty"),
+    "height not multiple": (lambda m, t: ["a cube", f"model={m}", "height=15"], "multiple of the VAE factor"),
+    "steps < 1": (lambda m, t: ["a cube", f"model={m}", "steps=0"], "steps must be at least 1"),
+    "guidance < 0": (lambda m, t: ["a cube", f"model={m}", "guidance=-1"], "guidance must be"),
+    "guidance not a number": (lambda m, t: ["a cube", f"model={m}", "guidance=lots"], "must be a number"),
+    "num_images < 1": (lambda m, t: ["a cube", f"model={m}", "num_images=0"], "num_images must be at least 1"),
+    "unknown preset": (lambda m, t: ["a cube", "model=sd99"], "unknown model 'sd99'"),
+    "path does not exist": (lambda m, t: ["a cube", f"model={t / 'nope'}/"], "no such path"),
+    "missing component": (lambda m, t: ["a cube", f"model={make_missing(m, t)}"], "missing the 'vae' component"),
+    "corrupt safetensors": (lambda m, t: ["a cube", f"model={make_corrupt(m, t)}"], "truncated or corrupt"),
+    "pickle refused": (lambda m, t: ["a cube", f"model={make_pickled(m, t)}"], "allow_pickle=true"),
+    "unknown key": (lambda m, t: ["a cube", f"model={m}", "guidence=3"], "did you mean 'guidance'"),
+    "unknown sampler": (lambda m, t: ["a cube", f"model={m}", "sampler=heun9"], "unknown sampler"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_nothing_written(case, tiny_sd, tmp_path, capsys):
+    make_args, message = BAD_INPUTS[case]
+    args = make_args(tiny_sd, tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("image", "steps=1", *args, "--out", out, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert run_dirs(out) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permissions cannot be tested")
+def test_unwritable_output_dir_nonroot(tiny_sd, tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir(mode=0o500)
+    assert run_cli("image", "a cube", f"model={tiny_sd}", "steps=1", "--out", out, "--quiet") == 2
+    assert "not writable" in capsys.readouterr().err or "cannot create" in capsys.readouterr().err
+
+
+def test_unwritable_output_dir(tiny_sd, tmp_path, capsys):
+    """An --out that is a file cannot hold run directories (works as root too)."""
+    out = tmp_path / "a-file"
+    out.write_text("")
+    assert run_cli("image", "a cube", f"model={tiny_sd}", "steps=1", "--out", out, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot create output directory" in err and "\n" not in err
+    assert out.read_text() == ""
+
+
+def test_pickle_allowed_loads_with_weights_only(tiny_sd, tmp_path):
+    model = make_pickled(tiny_sd, tmp_path)
+    assert run_cli("image", "a cube", f"model={model}", "allow_pickle=true", "steps=1", "--out", tmp_path, "--quiet") == 0
+    assert len(run_dirs(tmp_path)) == 1
+
+
+def test_unreachable_hub_id_one_line(tmp_path, capsys):
+    assert run_cli("image", "a cube", "model=nobody-here/no-such-model", "--out", tmp_path, "--quiet") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Hugging Face Hub" in err and "model=DIR" in err
+
+
+def test_subprocess_exit_status_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "image", "a cube", "steps=0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: steps must be at least 1, got 0"
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_every_option():
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "image", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    from pipelines.config import describe
+    from pipelines.image import ImageConfig
+
+    for key, _, meaning in describe(ImageConfig()):
+        assert key in proc.stdout and meaning in proc.stdout
+
+
+@pytest.mark.parametrize("prompt", ["../../etc/passwd", "a/b\\c", "x" * 500, "....", "日本語"])
+def test_slug_is_safe(prompt):
+    slug = slugify(prompt)
+    assert "/" not in slug and "\\" not in slug and ".." not in slug and 0 < len(slug) <= 48
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "result.png"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,65 @@
+"""Typed configs: presets, overrides, validation."""
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from pipelines.config import build, load, option, parse_overrides
+from pipelines.errors import UserError
+from pipelines.image import ImageConfig
+
+
+@dataclass
+class Camera:
+    fov: float = option(40.0, "field of view")
+    elevation: tuple[float, float] = option((-10.0, 80.0), "elevation range")
+
+
+@dataclass
+class Nested:
+    steps: int = option(10, "steps")
+    camera: Camera = field(default_factory=Camera)
+
+
+def test_overrides_parse_types_and_nesting():
+    assert parse_overrides(["steps=20", "guidance=5", "negative=low quality", "camera.fov=30", "x=[1, 2]"]) == {
+        "steps": 20, "guidance": 5, "negative": "low quality", "camera": {"fov": 30}, "x": [1, 2]}
+
+
+def test_nested_build_and_nearest_key():
+    cfg = build(Nested, parse_overrides(["camera.fov=30", "camera.elevation=[0, 45]"]))
+    assert cfg.camera.fov == 30.0 and cfg.camera.elevation == (0.0, 45.0)
+    with pytest.raises(UserError, match=r"unknown config key 'camera.fvo': did you mean 'camera.fov'"):
+        build(Nested, parse_overrides(["camera.fvo=30"]))
+
+
+def test_presets_then_overrides():
+    cfg = load(ImageConfig, "image", ["steps=3", "guidance=2", "seed=9", "model=sd15"])
+    assert (cfg.steps, cfg.guidance, cfg.seed, cfg.model) == (3, 2.0, 9, "sd15")
+    assert isinstance(cfg.guidance, float)
+    assert load(ImageConfig, "image", []).sampler == "ddim"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=2.5", "must be an integer"),
+    ("steps=true", "must be an integer"),
+    ("allow_pickle=maybe", "must be true or false"),
+    ("guidance=.nan", "guidance must be a finite number"),
+    ("guidance=.inf", "guidance must be a finite number"),
+    ("beta_schedule=quadratic", "unknown beta_schedule"),
+    ("dtype=fp8", "unknown dtype"),
+    ("height=-64", "height must be a positive"),
+])
+def test_type_and_range_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        load(ImageConfig, "image", [override])
+
+
+def test_config_file_layer(tmp_path):
+    f = tmp_path / "my.yaml"
+    f.write_text("steps: 7\nguidance: 3\n")
+    cfg = load(ImageConfig, "image", ["guidance=4"], config_file=str(f))
+    assert (cfg.steps, cfg.guidance) == (7, 4.0)
+    f.write_text("stepz: 7\n")
+    with pytest.raises(UserError, match="did you mean 'steps'"):
+        load(ImageConfig, "image", [], config_file=str(f))

@@ -1,0 +1,118 @@
+"""The prior against diffusers' StableDiffusionPipeline, and the interface's maths."""
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import Prior
+from pipelines.image import ImageConfig, generate
+from pipelines.schedulers import SAMPLERS, make_scheduler
+
+
+def reference_images(path, sampler, prompt, steps, guidance, seed, n=1, negative=None, size=32):
+    """diffusers' own StableDiffusionPipeline on the same folder, scheduler and seed."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
+    prior = Prior.from_pretrained(str(path))
+    pipe.scheduler = SAMPLERS[sampler][0].from_config(pipe.scheduler.config, **SAMPLERS[sampler][1])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
+                negative_prompt=negative, height=size, width=size, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(seed)).images
+
+
+def our_images(path, sampler, prompt, steps, guidance, seed, n=1, negative=""):
+    prior = Prior.from_pretrained(str(path))
+    cfg = ImageConfig(model=str(path), sampler=sampler, steps=steps, guidance=guidance, num_images=n, negative=negative,
+                      height=32, width=32)
+    images = generate(prior, prompt, cfg, torch.Generator("cpu").manual_seed(seed), progress=False)
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler"])
+def test_matches_diffusers_epsilon(tiny_sd, sampler):
+    ref = reference_images(tiny_sd, sampler, "a red cube", steps=4, guidance=7.5, seed=3, n=2, negative="blue")
+    ours = our_images(tiny_sd, sampler, "a red cube", steps=4, guidance=7.5, seed=3, n=2, negative="blue")
+    assert ref.shape == ours.shape == (2, 32, 32, 3)
+    assert np.abs(ref - ours).max() < 1e-4
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_matches_diffusers_v_prediction(tiny_sd_v, sampler):
+    ref = reference_images(tiny_sd_v, sampler, "a green ball", steps=3, guidance=5.0, seed=1)
+    ours = our_images(tiny_sd_v, sampler, "a green ball", steps=3, guidance=5.0, seed=1)
+    assert np.abs(ref - ours).max() < 1e-4
+
+
+def test_cfg_is_one_batched_unet_call(tiny_sd):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    text = prior.encode_prompt(["a red cube"] * 3)
+    calls = []
+    prior.unet.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    x = torch.randn(3, 4, 4, 4)
+    eps = prior.predict_noise(x, 500, text, guidance=7.5)
+    assert calls == [6] and eps.shape == x.shape
+    # guidance = 1 is the plain conditional prediction, from a single half-size call
+    eps1 = prior.predict_noise(x, 500, text, guidance=1.0)
+    assert calls[-1] == 3
+    cond = prior.predict_noise(x, 500, text, guidance=1.0)
+    torch.testing.assert_close(eps1, cond)
+
+
+def test_guidance_formula(tiny_sd):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    text = prior.encode_prompt(["a red cube"], negative="blue")
+    x, t = torch.randn(1, 4, 4, 4), torch.tensor([700])
+    uncond = prior.predict_noise(x, t, type(text)(text.uncond, text.uncond), guidance=1.0)
+    cond = prior.predict_noise(x, t, text, guidance=1.0)
+    torch.testing.assert_close(prior.predict_noise(x, t, text, guidance=4.0), uncond + 4.0 * (cond - uncond),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_parameterisation_round_trips(tiny_sd_v):
+    prior = Prior.from_pretrained(str(tiny_sd_v))
+    x0, eps = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4)
+    t = torch.tensor([10, 900])
+    x_t = prior.add_noise(x0, eps, t)
+    torch.testing.assert_close(prior.to_x0(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(prior.eps_from_x0(x_t, x0, t), eps, atol=1e-4, rtol=1e-4)
+    v = prior.v_from_eps(x_t, eps, t)
+    a, s = prior.alpha_sigma(t)
+    torch.testing.assert_close(v, a * eps - s * x0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prior.eps_from_v(x_t, v, t), eps, atol=1e-5, rtol=1e-5)
+    # the same forward process as diffusers' scheduler
+    ref = make_scheduler("ddpm", prior.noise_config).add_noise(x0, eps, t)
+    torch.testing.assert_close(x_t, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vae_chunking_does_not_change_results(tiny_sd):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    latents = torch.randn(5, 4, 4, 4)
+    torch.testing.assert_close(prior.decode_latents(latents, chunk=2), prior.decode_latents(latents, chunk=8),
+                               atol=1e-5, rtol=1e-5)
+    images = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(prior.encode_images(images, chunk=1, sample=False),
+                               prior.encode_images(images, chunk=3, sample=False), atol=1e-5, rtol=1e-5)
+    f = prior.vae_scale_factor
+    assert prior.decode_latents(latents).shape == (5, 3, 4 * f, 4 * f)
+
+
+def test_long_prompt_truncated_with_warning(tiny_sd, caplog):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    long_prompt = "a red cube " * 20 + "TAILWORDS"
+    with caplog.at_level(logging.WARNING, logger="pipelines.prior"):
+        text = prior.encode_prompt([long_prompt])
+    assert text.cond.shape[1] == prior.tokenizer.model_max_length
+    assert "truncated" in caplog.text and "TAILWORDS".lower() in caplog.text.lower()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_beta_schedules(tiny_sd, schedule):
+    prior = Prior.from_pretrained(str(tiny_sd), beta_schedule=schedule)
+    abar = prior.alphas_cumprod
+    assert abar.shape == (1000,) and bool((abar[1:] < abar[:-1]).all())
+    sched = make_scheduler("ddim", prior.noise_config)
+    assert sched.config.beta_schedule == {"cosine": "squaredcos_cap_v2"}.get(schedule, schedule)

@@ -1,0 +1,1 @@
+"""Text-to-video (Make-A-Video style): the prior's UNet inflated with temporal layers. Built in issue 4."""

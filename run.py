@@ -21,9 +21,15 @@ from pathlib import Path
 from pipelines import config
 from pipelines.errors import UserError
 from pipelines.image import ImageConfig
+from toyworld.train_prior import TrainPriorConfig
 
+# job -> (config class, one-line summary). Presets live in configs/<preset>.yaml.
 JOBS = {
     "image": (ImageConfig, "text -> image PNGs from the prior"),
+}
+# `run.py train WHAT`: what can be trained, each with its config class and preset name.
+TRAINERS = {
+    "prior": (TrainPriorConfig, "train_prior", "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
 }
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -43,6 +49,9 @@ def options_help(cls: type, job: str) -> str:
 def build_parser() -> Parser:
     fmt = argparse.RawDescriptionHelpFormatter
     every = "\n\n".join(f"{job} options (key=default  meaning):\n{options_help(cls, job)}" for job, (cls, _) in JOBS.items())
+    trains = "\n\n".join(f"train {what}: {summary}\noptions (key=default  meaning):\n{options_help(cls, preset)}"
+                          for what, (cls, preset, summary) in TRAINERS.items())
+    every += "\n\n" + trains
     parser = Parser(prog="run.py", description=__doc__, formatter_class=fmt, epilog=every)
     jobs = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=Parser)
     for job, (cls, summary) in JOBS.items():
@@ -53,6 +62,14 @@ def build_parser() -> Parser:
         p.add_argument("--config", metavar="FILE", help="YAML file of options, applied before key=value overrides")
         p.add_argument("--out", metavar="DIR", default="outputs", help="root of the run directories (default: outputs)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
+    p = jobs.add_parser("train", help="train a model: " + ", ".join(TRAINERS), formatter_class=fmt,
+                        description="train a model (under Accelerate; `accelerate launch run.py train ...` for several GPUs)",
+                        epilog=trains)
+    p.add_argument("what", metavar="WHAT", help=" | ".join(TRAINERS))
+    p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
+    p.add_argument("--config", metavar="FILE", help="YAML file of options, applied before key=value overrides")
+    p.add_argument("--out", metavar="DIR", default="outputs", help="root of the run directories (default: outputs)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     return parser
 
 
@@ -96,9 +113,26 @@ def configure_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        # key=value words may come after --options too; argparse leaves those over, so collect them.
+        args, extra = parser.parse_known_args(argv)
+        unknown = [e for e in extra if not OVERRIDE.match(e)]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.args = args.args + extra
         configure_logging(args.quiet)
         words, overrides = split_args(args.args)
+        if args.job == "train":
+            if args.what not in TRAINERS:
+                raise UserError(f"cannot train '{args.what}': choose one of {', '.join(TRAINERS)}")
+            if words:
+                raise UserError(f"unexpected argument '{words[0]}': train options are key=value")
+            cls, preset, _ = TRAINERS[args.what]
+            cfg = config.load(cls, preset, overrides, args.config)
+            from toyworld.train_prior import main as train_prior
+
+            train_prior(cfg, args.out, progress=not args.quiet)
+            return 0
         cls = JOBS[args.job][0]
         cfg = config.load(cls, args.job, overrides, args.config)
         prompts = read_prompts(words, args.prompts)

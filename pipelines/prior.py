@@ -98,6 +98,7 @@ class Prior:
         inputs = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         if warn:
             self._warn_truncated(texts, inputs.input_ids)
+            self._warn_unknown_words(texts)
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = inputs.attention_mask.to(self.device)
@@ -112,6 +113,21 @@ class Prior:
             if cut:
                 logger.warning("prompt longer than %d tokens was truncated; dropped: %r",
                                self.tokenizer.model_max_length, cut)
+
+    def _warn_unknown_words(self, texts: list[str]) -> None:
+        """Closed-vocabulary tokenizers (the embedded ToyWorld model) map unknown words to <unk>: say which."""
+        unk = self.tokenizer.unk_token
+        if unk is None or unk not in self.tokenizer.get_vocab():
+            return
+        words = {w for text in texts for w in text.replace(",", " ").split()}
+        unknown = sorted(w for w in words if unk in self.tokenizer.tokenize(w))
+        if not unknown:
+            return
+        vocab = sorted(w for w in self.tokenizer.get_vocab() if w not in self.tokenizer.all_special_tokens)
+        known = f" It knows: {', '.join(vocab)}." if len(vocab) <= 300 else ""
+        logger.warning("the model %s does not know the word(s) %s; they are ignored.%s For open-vocabulary prompts "
+                       "use a real checkpoint: model=sd15, model=sd21-base or model=PATH to a diffusers folder.",
+                       self.model_id or "", ", ".join(repr(w) for w in unknown), known)
 
     # ------------------------------------------------------------------------------- noise schedule
     def alpha_sigma(self, t: torch.Tensor | float | int, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,386 @@
+"""`python run.py train prior`: train the ToyWorld prior (VAE, then text encoder + UNet) from scratch.
+
+Recipe, in three stages inside one run directory:
+  1. render a bank of ToyWorld images (deterministic from the seed; re-rendered on resume);
+  2. train the VAE (L1 reconstruction + a small KL term, as LDM's KL-f4 autoencoders);
+  3. encode the bank once, set the VAE's scaling factor to 1/std of the latents (as SD does), and
+     train the UNet and the text encoder jointly with the DDPM epsilon loss (Ho et al. 2020, eq. 14),
+     dropping 10% of captions for classifier-free guidance (Ho & Salimans 2022), with an EMA of the weights.
+
+Everything runs under Accelerate (mixed precision, gradient accumulation, `accelerate launch` for
+several GPUs), checkpoints every `checkpoint_every` steps, and `resume=RUN_DIR` continues a run.
+The result is a diffusers-format folder (`RUN_DIR/model`, copied to `save_to` when given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipelines.config import load_yaml, option, to_dict, build
+from pipelines.errors import UserError
+from pipelines.runtime import command_line, make_run_dir, versions, write_json, write_yaml
+
+from .model import Architecture, build_components, save_model
+from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes, shape_word
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainPriorConfig:
+    arch: Architecture = field(default_factory=Architecture)
+    bank_size: int = option(20000, "number of rendered training images (the data bank)")
+    vae_steps: int = option(3000, "VAE optimisation steps")
+    unet_steps: int = option(20000, "UNet + text-encoder optimisation steps")
+    batch_size: int = option(128, "batch size per process")
+    vae_lr: float = option(3e-4, "VAE learning rate (AdamW)")
+    lr: float = option(3e-4, "UNet and text-encoder learning rate (AdamW)")
+    warmup_steps: int = option(500, "linear learning-rate warm-up steps (then cosine decay to 10%)")
+    kl_weight: float = option(1e-6, "weight of the VAE's KL term")
+    caption_dropout: float = option(0.1, "fraction of captions replaced by '' (for classifier-free guidance)")
+    p_drop_view: float = option(0.3, "fraction of captions without the view suffix")
+    p_synonym: float = option(0.2, "fraction of captions using a shape synonym (ball, box, ...)")
+    ema_decay: float = option(0.999, "EMA decay of the UNet and text-encoder weights (0 disables EMA)")
+    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    checkpoint_every: int = option(2000, "save a resumable checkpoint every N steps")
+    max_minutes: Optional[float] = option(None, "wall-clock budget; the VAE stage gets 20%, stages stop early")
+    seed: int = option(0, "seed for the data bank and every random draw")
+    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
+    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
+    save_to: Optional[str] = option(None, "also copy the final model folder here (e.g. models/toyworld)")
+    fp16_weights: bool = option(True, "save the final weights in fp16 (half the size)")
+
+    def validate(self) -> None:
+        for name in ("bank_size", "batch_size", "grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("vae_steps", "unet_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
+        if len(self.arch.unet_channels) != 3:
+            raise UserError("arch.unet_channels must list 3 block widths")
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass
+class Bank:
+    """Rendered training images (uint8, on the training device) and the scenes that made them."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    scenes: object  # toyworld.Scene, batched over N (CPU)
+
+    def __len__(self):
+        return len(self.images)
+
+
+def render_bank(n: int, size: int, seed: int, device: torch.device, progress: bool) -> Bank:
+    from .render import render
+
+    chunk = 4096 if device.type == "cuda" else 256
+    g = torch.Generator().manual_seed(seed)
+    scenes = sample_scenes(n, g)
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
+    for i in tqdm(range(0, n, chunk), desc="rendering ToyWorld bank", disable=not progress):
+        part = select(scenes, torch.arange(i, min(i + chunk, n)))
+        images[i:i + chunk] = (render(part.to(device), size) * 255).round().to(torch.uint8)
+    return Bank(images, scenes)
+
+
+def select(scene, idx: torch.Tensor):
+    """The scenes at indices `idx` of a batched Scene."""
+    return type(scene)(**{f.name: getattr(scene, f.name)[idx] for f in dataclasses.fields(scene)})
+
+
+STAGES = {"vae": 1, "unet": 2}
+
+
+def step_generator(seed: int, stage: str, step: int, process: int) -> torch.Generator:
+    """A generator per (stage, step, process): the data stream is reproducible and resumes exactly."""
+    return torch.Generator().manual_seed(((seed * 7 + STAGES[stage]) * 1_000_003 + step) * 1009 + process)
+
+
+def caption_table(bank: Bank, tokenizer, seed: int) -> torch.Tensor:
+    """Token ids of every bank image's caption variants, (N, 4, L): [view, no view] x [canonical, synonym].
+
+    Captions read "a red cube, side view" (see `toyworld.world.caption`). Tokenising the few hundred
+    distinct captions once keeps the training step free of Python string work.
+    """
+    g = torch.Generator().manual_seed(seed)
+    colors, shapes, views = (x.tolist() for x in (bank.scenes.color, bank.scenes.shape, bank.scenes.views()))
+    texts = []
+    for c, s, v in zip(colors, shapes, views):
+        base = f"a {COLOR_NAMES[c]} "
+        for word in (SHAPES[s], shape_word(SHAPES[s], True, g)):
+            texts += [base + word + f", {VIEWS[v]} view", base + word]
+    unique = sorted(set(texts))
+    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    row = {t: i for i, t in enumerate(unique)}
+    # texts per item are ordered [canonical+view, canonical, synonym+view, synonym]; reorder to view-major
+    table = ids[torch.tensor([row[t] for t in texts])].view(len(bank), 2, 2, -1)
+    return table.transpose(1, 2).reshape(len(bank), 4, -1)
+
+
+def pick_captions(table: torch.Tensor, empty: torch.Tensor, idx: torch.Tensor, cfg, g: torch.Generator):
+    """Ids for a batch: view dropped with p_drop_view, synonym with p_synonym, caption with caption_dropout."""
+    n = len(idx)
+    no_view = (torch.rand(n, generator=g) < cfg.p_drop_view).long()
+    synonym = (torch.rand(n, generator=g) < cfg.p_synonym).long()
+    ids = table[idx, no_view * 2 + synonym]
+    dropped = torch.rand(n, generator=g) < cfg.caption_dropout
+    return torch.where(dropped[:, None], empty, ids)
+
+
+# --------------------------------------------------------------------------------- training modules
+class VAEObjective(torch.nn.Module):
+    """L1 reconstruction + kl_weight * KL(q(z|x) || N(0, I)); one module so DDP sees one forward."""
+
+    def __init__(self, vae, kl_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        x = images * 2 - 1  # (B, 3, H, W) in [-1, 1]
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * noise
+        recon = self.vae.decode(z).sample
+        return F.l1_loss(recon.float(), x.float()) + self.kl_weight * posterior.kl().mean()
+
+
+class DenoiserObjective(torch.nn.Module):
+    """DDPM epsilon loss: || eps - unet(sqrt(abar) z + sqrt(1-abar) eps, t, text(ids)) ||^2."""
+
+    def __init__(self, unet, text_encoder, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+
+    def forward(self, ids: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        emb = self.text_encoder(ids)[0]
+        pred = self.unet(x_t, t, encoder_hidden_states=emb).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+
+# ----------------------------------------------------------------------------------------- the loop
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    deadline: float  # time.monotonic() after which the stage stops early
+
+
+def lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak as `progress` goes 0 -> 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Path, start: int,
+              ema=None, progress: bool = True, log: list | None = None) -> int:
+    """Optimise `objective(**batch_fn(step))` for `stage.steps` steps; returns the last step done."""
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+    model, opt = accel.prepare(objective, opt)
+    warmup, began = min(cfg.warmup_steps, stage.steps // 5 + 1), time.monotonic()
+    if ema is not None:
+        accel.register_for_checkpointing(ema)
+    ckpt = run_dir / "checkpoints" / stage.name
+    if start > 0:
+        accel.load_state(str(ckpt))
+    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
+               disable=not (progress and accel.is_main_process))
+    step = start
+    for step in bar:
+        # The schedule follows steps, or the wall-clock budget when that runs out first (max_minutes).
+        progress = max(step / max(1, stage.steps), (time.monotonic() - began) / max(1e-9, stage.deadline - began))
+        for group in opt.param_groups:
+            group["lr"] = stage.lr * lr_factor(step, warmup, progress)
+        with accel.accumulate(model):
+            loss = model(**batch_fn(step))
+            accel.backward(loss)
+            if accel.sync_gradients:
+                accel.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if ema is not None and accel.sync_gradients:
+            ema.step(params)
+        if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then
+            value = loss.item()
+            if not math.isfinite(value):
+                raise UserError(f"{stage.name} loss became {value} at step {step}; lower the learning rate "
+                                f"or resume from the last checkpoint in {ckpt}")
+            if log is not None:
+                log.append({"stage": stage.name, "step": step, "loss": round(value, 6)})
+            bar.set_postfix(loss=f"{value:.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
+            save_checkpoint(accel, ckpt, stage.name, done)
+        if time.monotonic() > stage.deadline and done < stage.steps:
+            logger.info("%s stage stopped by max_minutes at step %d/%d", stage.name, done, stage.steps)
+            return done
+    return max(start, step + 1) if stage.steps > start else start
+
+
+def save_checkpoint(accel, folder: Path, stage: str, step: int) -> None:
+    accel.wait_for_everyone()
+    accel.save_state(str(folder))
+    if accel.is_main_process:
+        write_json(folder / "progress.json", {"stage": stage, "step": step})
+
+
+def checkpoint_step(run_dir: Path, stage: str) -> int:
+    f = run_dir / "checkpoints" / stage / "progress.json"
+    return json.loads(f.read_text())["step"] if f.is_file() else 0
+
+
+# ------------------------------------------------------------------------------------------ driver
+def open_run(cfg: TrainPriorConfig, out: str | Path) -> tuple[Path, TrainPriorConfig]:
+    """A new run directory, or the one named by resume= with the config it was started with."""
+    if cfg.resume is None:
+        run_dir = make_run_dir(out, "train", "prior")
+        write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+        return run_dir, cfg
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume={run_dir} is not a train run directory (no config.yaml)")
+    saved = load_yaml(run_dir / "config.yaml")
+    saved.pop("command", None)
+    saved.update(resume=str(run_dir), max_minutes=cfg.max_minutes, save_to=cfg.save_to or saved.get("save_to"))
+    return run_dir, build(TrainPriorConfig, saved)
+
+
+def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    run_dir, cfg = open_run(cfg, out)
+    started, wall = time.monotonic(), {}
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    accel = Accelerator(mixed_precision=_mixed_precision(cfg), gradient_accumulation_steps=cfg.grad_accum,
+                        cpu=cfg.device == "cpu")
+    device, rank = accel.device, accel.process_index
+    torch.manual_seed(cfg.seed)
+    comps = build_components(cfg.arch)
+    log: list = []
+
+    # 1. the data bank
+    t0 = time.monotonic()
+    bank = render_bank(cfg.bank_size, cfg.arch.image_size, cfg.seed, device, progress and accel.is_main_process)
+    wall["render_s"] = round(time.monotonic() - t0, 1)
+
+    # 2. the VAE
+    t0 = time.monotonic()
+    vae = comps["vae"].to(device)
+    if (run_dir / "vae").is_dir():
+        vae = type(vae).from_pretrained(run_dir / "vae").to(device)
+    else:
+        def vae_batch(step):
+            g = step_generator(cfg.seed, "vae", step, rank)
+            idx = torch.randint(len(bank), (cfg.batch_size,), generator=g)
+            latent = cfg.arch.image_size // 2 ** (len(cfg.arch.vae_channels) - 1)
+            noise = torch.randn(cfg.batch_size, cfg.arch.latent_channels, latent, latent, generator=g)
+            return {"images": bank.images[idx.to(device)].float() / 255, "noise": noise.to(device)}
+
+        stage = Stage("vae", cfg.vae_steps, cfg.vae_lr, started + 0.2 * budget)
+        run_stage(accel, stage, VAEObjective(vae, cfg.kl_weight), list(vae.parameters()), vae_batch, cfg, run_dir,
+                  checkpoint_step(run_dir, "vae"), progress=progress, log=log)
+        accel.free_memory()
+        if accel.is_main_process:
+            vae.save_pretrained(run_dir / "vae")
+        accel.wait_for_everyone()
+    vae.eval().requires_grad_(False)
+    wall["vae_s"] = round(time.monotonic() - t0, 1)
+
+    # 3. latents of the whole bank, and SD's latent scaling (unit variance for the UNet)
+    latents = encode_bank(vae, bank, cfg.batch_size)
+    scaling = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+
+    # 4. the UNet and text encoder
+    t0 = time.monotonic()
+    unet, text_encoder, tokenizer = comps["unet"].to(device), comps["text_encoder"].to(device), comps["tokenizer"]
+    from diffusers import DDPMScheduler
+
+    abar = DDPMScheduler.from_config(comps["scheduler"].config).alphas_cumprod.to(device)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay > 0 else None
+
+    table = caption_table(bank, tokenizer, cfg.seed)
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+
+    def unet_batch(step):
+        g = step_generator(cfg.seed, "unet", step, rank)
+        idx = torch.randint(len(bank), (cfg.batch_size,), generator=g)
+        ids = pick_captions(table, empty, idx, cfg, g)
+        noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=g)
+        t = torch.randint(len(abar), (cfg.batch_size,), generator=g)
+        return {"ids": ids.to(device), "z0": latents[idx.to(device)], "noise": noise.to(device), "t": t.to(device)}
+
+    stage = Stage("unet", cfg.unet_steps, cfg.lr, started + 0.97 * budget)
+    steps_done = run_stage(accel, stage, DenoiserObjective(unet, text_encoder, abar), params, unet_batch, cfg,
+                           run_dir, checkpoint_step(run_dir, "unet"), ema=ema, progress=progress, log=log)
+    wall["unet_s"] = round(time.monotonic() - t0, 1)
+
+    # 5. save: EMA weights, fp16, diffusers format
+    if accel.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        comps.update(unet=unet, text_encoder=text_encoder, vae=vae)
+        model_dir = save_model(comps, run_dir / "model", fp16=cfg.fp16_weights)
+        summary = {"command": command_line(), "device": str(device), "processes": accel.num_processes,
+                   "mixed_precision": accel.mixed_precision, "steps": {"vae": checkpoint_step(run_dir, "vae"),
+                   "unet": steps_done}, "wall_s": {**wall, "total_s": round(time.monotonic() - started, 1)},
+                   "scaling_factor": scaling, "versions": versions(), "config": to_dict(cfg)}
+        write_json(model_dir / "training.json", summary)
+        write_json(run_dir / "losses.json", log)
+        write_json(run_dir / "metadata.json", summary)
+        if cfg.save_to:
+            install(model_dir, Path(cfg.save_to))
+        logger.info("trained prior saved to %s", model_dir)
+    return run_dir
+
+
+def _mixed_precision(cfg: TrainPriorConfig) -> str:
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    return "bf16" if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+@torch.no_grad()
+def encode_bank(vae, bank: Bank, chunk: int) -> torch.Tensor:
+    """Posterior means of every bank image, (N, C, h, w) float32 on the bank's device."""
+    out = [vae.encode(bank.images[i:i + chunk].float() / 255 * 2 - 1).latent_dist.mean.float()
+           for i in range(0, len(bank), chunk)]
+    return torch.cat(out)
+
+
+def install(model_dir: Path, target: Path) -> None:
+    """Copy the model folder to `target`, replacing any previous one only once the copy is complete."""
+    tmp = target.with_name(f".{target.name}.new")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)

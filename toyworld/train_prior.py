@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from pipelines.config import load_yaml, option, to_dict, build
+from pipelines.config import build, load_yaml, option, to_dict
+from pipelines.config import preset as config_preset
 from pipelines.errors import UserError
 from pipelines.runtime import command_line, make_run_dir, versions, write_json, write_yaml
 
@@ -205,6 +206,8 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
     ckpt = run_dir / "checkpoints" / stage.name
     if start > 0:
         accel.load_state(str(ckpt))
+        if ema is not None:
+            ema.to(accel.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
                disable=not (progress and accel.is_main_process))
     step = start
@@ -253,7 +256,8 @@ def checkpoint_step(run_dir: Path, stage: str) -> int:
 
 # ------------------------------------------------------------------------------------------ driver
 def open_run(cfg: TrainPriorConfig, out: str | Path) -> tuple[Path, TrainPriorConfig]:
-    """A new run directory, or the one named by resume= with the config it was started with."""
+    """A new run directory, or the one named by resume=: its saved config, plus the options this
+    command changed from the preset (so `resume=RUN unet_steps=50000` trains on to 50k steps)."""
     if cfg.resume is None:
         run_dir = make_run_dir(out, "train", "prior")
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
@@ -263,8 +267,12 @@ def open_run(cfg: TrainPriorConfig, out: str | Path) -> tuple[Path, TrainPriorCo
         raise UserError(f"resume={run_dir} is not a train run directory (no config.yaml)")
     saved = load_yaml(run_dir / "config.yaml")
     saved.pop("command", None)
-    saved.update(resume=str(run_dir), max_minutes=cfg.max_minutes, save_to=cfg.save_to or saved.get("save_to"))
-    return run_dir, build(TrainPriorConfig, saved)
+    preset = to_dict(build(TrainPriorConfig, config_preset("train_prior")))
+    changed = {k: v for k, v in to_dict(cfg).items() if v != preset.get(k) and k != "arch"}
+    resumed = build(TrainPriorConfig, {**saved, **changed})
+    resumed.validate()
+    write_yaml(run_dir / "config.yaml", {**to_dict(resumed), "command": command_line()})
+    return run_dir, resumed
 
 
 def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
@@ -273,13 +281,15 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
 
     run_dir, cfg = open_run(cfg, out)
     started, wall = time.monotonic(), {}
+    meta = run_dir / "metadata.json"
+    earlier = json.loads(meta.read_text()).get("sessions", []) if cfg.resume and meta.is_file() else []
+    log: list = json.loads((run_dir / "losses.json").read_text()) if (run_dir / "losses.json").is_file() else []
     budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     accel = Accelerator(mixed_precision=_mixed_precision(cfg), gradient_accumulation_steps=cfg.grad_accum,
                         cpu=cfg.device == "cpu")
     device, rank = accel.device, accel.process_index
     torch.manual_seed(cfg.seed)
     comps = build_components(cfg.arch)
-    log: list = []
 
     # 1. the data bank
     t0 = time.monotonic()
@@ -346,10 +356,13 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
             ema.copy_to(params)
         comps.update(unet=unet, text_encoder=text_encoder, vae=vae)
         model_dir = save_model(comps, run_dir / "model", fp16=cfg.fp16_weights)
-        summary = {"command": command_line(), "device": str(device), "processes": accel.num_processes,
-                   "mixed_precision": accel.mixed_precision, "steps": {"vae": checkpoint_step(run_dir, "vae"),
-                   "unet": steps_done}, "wall_s": {**wall, "total_s": round(time.monotonic() - started, 1)},
-                   "scaling_factor": scaling, "versions": versions(), "config": to_dict(cfg)}
+        session = {"command": command_line(), "device": str(device), "processes": accel.num_processes,
+                   "mixed_precision": accel.mixed_precision, "wall_s": {**wall, "total_s": round(time.monotonic() - started, 1)},
+                   "versions": versions()}
+        sessions = earlier + [session]  # a resumed run keeps the record of the sessions before it
+        summary = {"steps": {"vae": checkpoint_step(run_dir, "vae"), "unet": steps_done},
+                   "total_wall_s": round(sum(s["wall_s"]["total_s"] for s in sessions), 1),
+                   "scaling_factor": scaling, "config": to_dict(cfg), "sessions": sessions}
         write_json(model_dir / "training.json", summary)
         write_json(run_dir / "losses.json", log)
         write_json(run_dir / "metadata.json", summary)

@@ -13,23 +13,45 @@ Bad input prints one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import config
 from pipelines.errors import UserError
 from pipelines.image import ImageConfig
+from toyworld.evaluate import EvalImageConfig
+from toyworld.judge import TrainJudgeConfig
 from toyworld.train_prior import TrainPriorConfig
 
-# job -> (config class, one-line summary). Presets live in configs/<preset>.yaml.
-JOBS = {
-    "image": (ImageConfig, "text -> image PNGs from the prior"),
-}
-# `run.py train WHAT`: what can be trained, each with its config class and preset name.
-TRAINERS = {
-    "prior": (TrainPriorConfig, "train_prior", "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
+@dataclass(frozen=True)
+class Job:
+    """One runnable job: its typed config, its preset (configs/<preset>.yaml) and the module whose
+    `main(cfg, [prompts,] out, progress)` runs it."""
+
+    cls: type
+    preset: str
+    module: str
+    summary: str
+    prompt: bool = False  # takes a prompt (or --prompts FILE)
+
+
+# `run.py JOB [WHAT]`: jobs with a prompt have no WHAT (key None); train/eval name what they act on.
+JOBS: dict[str, dict[str | None, Job]] = {
+    "image": {None: Job(ImageConfig, "image", "pipelines.image", "text -> image PNGs from the prior", prompt=True)},
+    "train": {
+        "prior": Job(TrainPriorConfig, "train_prior", "toyworld.train_prior",
+                     "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
+        "judge": Job(TrainJudgeConfig, "train_judge", "toyworld.judge",
+                     "the ToyWorld judge: a small CNN naming colour, shape and view"),
+    },
+    "eval": {
+        "image": Job(EvalImageConfig, "eval_image", "toyworld.evaluate",
+                     "the prior's images of every colour x shape prompt, scored by the judge"),
+    },
 }
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
@@ -39,37 +61,35 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see `python run.py --help`)")
 
 
-def options_help(cls: type, job: str) -> str:
-    """Every option with its default as this job's preset sets it, and its one-line meaning."""
-    rows = config.describe(config.build(cls, config.preset(job)))
+def options_help(job: Job) -> str:
+    """Every option with its default as the job's preset sets it, and its one-line meaning."""
+    rows = config.describe(config.build(job.cls, config.preset(job.preset)))
     width = max(len(k) + len(d) for k, d, _ in rows) + 3
     return "\n".join(f"  {f'{k}={d}':<{width}} {h}" for k, d, h in rows)
 
 
+def jobs_help(name: str) -> str:
+    return "\n\n".join(f"{' '.join(filter(None, (name, what)))}: {job.summary}\n"
+                        f"options (key=default  meaning):\n{options_help(job)}" for what, job in JOBS[name].items())
+
+
 def build_parser() -> Parser:
     fmt = argparse.RawDescriptionHelpFormatter
-    every = "\n\n".join(f"{job} options (key=default  meaning):\n{options_help(cls, job)}" for job, (cls, _) in JOBS.items())
-    trains = "\n\n".join(f"train {what}: {summary}\noptions (key=default  meaning):\n{options_help(cls, preset)}"
-                          for what, (cls, preset, summary) in TRAINERS.items())
-    every += "\n\n" + trains
+    every = "\n\n".join(jobs_help(name) for name in JOBS)
     parser = Parser(prog="run.py", description=__doc__, formatter_class=fmt, epilog=every)
-    jobs = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=Parser)
-    for job, (cls, summary) in JOBS.items():
-        p = jobs.add_parser(job, help=summary, description=summary, formatter_class=fmt,
-                            epilog=f"options (key=default  meaning):\n{options_help(cls, job)}")
-        p.add_argument("args", nargs="*", metavar="PROMPT | key=value", help="the prompt, then option overrides")
-        p.add_argument("--prompts", metavar="FILE", help="run every line of FILE as a prompt (blank lines and # comments skipped)")
+    sub = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=Parser)
+    for name, variants in JOBS.items():
+        summary = variants[None].summary if None in variants else f"{name}: " + ", ".join(variants)
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=fmt, epilog=jobs_help(name))
+        if None in variants:
+            p.add_argument("args", nargs="*", metavar="PROMPT | key=value", help="the prompt, then option overrides")
+            p.add_argument("--prompts", metavar="FILE", help="run every line of FILE as a prompt (blank lines and # comments skipped)")
+        else:
+            p.add_argument("what", metavar="WHAT", help=" | ".join(variants))
+            p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
         p.add_argument("--config", metavar="FILE", help="YAML file of options, applied before key=value overrides")
         p.add_argument("--out", metavar="DIR", default="outputs", help="root of the run directories (default: outputs)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
-    p = jobs.add_parser("train", help="train a model: " + ", ".join(TRAINERS), formatter_class=fmt,
-                        description="train a model (under Accelerate; `accelerate launch run.py train ...` for several GPUs)",
-                        epilog=trains)
-    p.add_argument("what", metavar="WHAT", help=" | ".join(TRAINERS))
-    p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
-    p.add_argument("--config", metavar="FILE", help="YAML file of options, applied before key=value overrides")
-    p.add_argument("--out", metavar="DIR", default="outputs", help="root of the run directories (default: outputs)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
     return parser
 
 
@@ -122,24 +142,18 @@ def main(argv: list[str] | None = None) -> int:
         args.args = args.args + extra
         configure_logging(args.quiet)
         words, overrides = split_args(args.args)
-        if args.job == "train":
-            if args.what not in TRAINERS:
-                raise UserError(f"cannot train '{args.what}': choose one of {', '.join(TRAINERS)}")
-            if words:
-                raise UserError(f"unexpected argument '{words[0]}': train options are key=value")
-            cls, preset, _ = TRAINERS[args.what]
-            cfg = config.load(cls, preset, overrides, args.config)
-            from toyworld.train_prior import main as train_prior
-
-            train_prior(cfg, args.out, progress=not args.quiet)
-            return 0
-        cls = JOBS[args.job][0]
-        cfg = config.load(cls, args.job, overrides, args.config)
-        prompts = read_prompts(words, args.prompts)
-        if args.job == "image":
-            from pipelines.image import main as image_main
-
-            image_main(cfg, prompts, args.out, progress=not args.quiet)
+        variants, what = JOBS[args.job], getattr(args, "what", None)
+        if what not in variants:
+            raise UserError(f"cannot {args.job} '{what}': choose one of {', '.join(variants)}")
+        job = variants[what]
+        cfg = config.load(job.cls, job.preset, overrides, args.config)
+        runner = importlib.import_module(job.module).main
+        if job.prompt:
+            runner(cfg, read_prompts(words, args.prompts), args.out, progress=not args.quiet)
+        elif words:
+            raise UserError(f"unexpected argument '{words[0]}': {args.job} options are key=value")
+        else:
+            runner(cfg, args.out, progress=not args.quiet)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,9 @@ import torch
 import yaml
 
 from .errors import UserError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -93,12 +97,26 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any other file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def install_dir(source: Path, target: Path) -> None:
+    """Copy folder `source` to `target`, replacing a previous `target` only once the copy is complete."""
+    source, target = Path(source), Path(target)
+    tmp, old = target.with_name(f".{target.name}.new"), target.with_name(f".{target.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> None:

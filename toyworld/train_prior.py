@@ -18,7 +18,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from pipelines.config import build, load_yaml, option, to_dict
 from pipelines.config import preset as config_preset
 from pipelines.errors import UserError
-from pipelines.runtime import command_line, make_run_dir, versions, write_json, write_yaml
+from pipelines.runtime import command_line, install_dir, make_run_dir, versions, write_json, write_yaml
 
 from .model import Architecture, build_components, save_model
 from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes, shape_word
@@ -367,7 +366,7 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
         write_json(run_dir / "losses.json", log)
         write_json(run_dir / "metadata.json", summary)
         if cfg.save_to:
-            install(model_dir, Path(cfg.save_to))
+            install_dir(model_dir, Path(cfg.save_to))
         logger.info("trained prior saved to %s", model_dir)
     return run_dir
 
@@ -384,16 +383,3 @@ def encode_bank(vae, bank: Bank, chunk: int) -> torch.Tensor:
     out = [vae.encode(bank.images[i:i + chunk].float() / 255 * 2 - 1).latent_dist.mean.float()
            for i in range(0, len(bank), chunk)]
     return torch.cat(out)
-
-
-def install(model_dir: Path, target: Path) -> None:
-    """Copy the model folder to `target`, replacing any previous one only once the copy is complete."""
-    tmp = target.with_name(f".{target.name}.new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,7 @@
 
     python run.py image "a red cube" steps=20 guidance=5 seed=3
     python run.py image --prompts prompts.txt model=sd15
-    accelerate launch run.py image --prompts prompts.txt      # prompts split across processes
+    accelerate launch run.py image --prompts prompts.txt      # prompts split across GPUs (torchrun --nproc_per_node N on CPU)
 
 Options come from the job's dataclass defaults, then configs/<job>.yaml, then --config FILE, then
 key=value overrides; they are validated once, here, before anything is loaded or written.

@@ -53,7 +53,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path, model_hash: str,
-        load_seconds: float, progress: bool = True) -> Path:
+        load_seconds: float, progress: bool = True, process: int = 0) -> Path:
     """Generate one prompt's images into a fresh run directory and return it."""
     run_dir = make_run_dir(out, "image", prompt)
     write_yaml(run_dir / "config.yaml", {"prompt": prompt, **to_dict(cfg), "seed": seed, "command": command_line()})
@@ -70,7 +70,7 @@ def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path,
         "job": "image", "prompt": prompt, "negative": cfg.negative, "seed": seed,
         "model": prior.model_id, "model_hash": model_hash, "device": str(prior.device),
         "dtype": str(prior.dtype).removeprefix("torch."), "height": images.shape[-2], "width": images.shape[-1],
-        "outputs": files, "timings_s": timer.stages, "versions": versions(), "command": command_line(),
+        "outputs": files, "process": process, "timings_s": timer.stages, "versions": versions(), "command": command_line(),
     })
     logger.info("wrote %d image(s) to %s", len(files), run_dir)
     return run_dir
@@ -83,7 +83,8 @@ def main(cfg: ImageConfig, prompts: list[str], out: str | Path, progress: bool =
 
     from .runtime import pick_device, pick_dtype
 
-    state = PartialState()
+    # cpu=True lets torchrun/accelerate launch start several CPU processes (gloo) when there is no GPU.
+    state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if state.num_processes > 1 and cfg.device == "auto" else pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     timer = Timer()
@@ -94,5 +95,6 @@ def main(cfg: ImageConfig, prompts: list[str], out: str | Path, progress: bool =
     runs = []
     with state.split_between_processes(list(enumerate(prompts))) as mine:
         for i, prompt in mine:
-            runs.append(run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages["load"], progress))
+            runs.append(run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages["load"], progress,
+                            state.process_index))
     return runs

@@ -190,3 +190,16 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             tmp.write_bytes(b"half")
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_accelerate_launch_splits_prompts_across_processes(tiny_sd, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue ball\na green cone\n")
+    # torchrun is what `accelerate launch` runs on several GPUs; on CPU it gives gloo processes.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "run.py"), "image", "--prompts", str(prompts),
+           f"model={tiny_sd}", "steps=1", "--out", str(tmp_path / "o"), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    metas = [json.loads((d / "metadata.json").read_text()) for d in run_dirs(tmp_path / "o")]
+    assert sorted((m["prompt"], m["seed"]) for m in metas) == [("a blue ball", 1), ("a green cone", 2), ("a red cube", 0)]
+    assert {m["process"] for m in metas} == {0, 1}

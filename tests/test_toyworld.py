@@ -76,7 +76,7 @@ def test_higher_fps_means_less_motion_per_frame():
     _, alpha, _ = tw.render_with_aux(clip, 48)
     x, _ = centroids(alpha[:, 0].reshape(2, 4, 48, 48))
     per_frame = x.diff(dim=1).mean(1)
-    assert per_frame[0] == pytest.approx(3 * per_frame[1], rel=0.1)
+    assert float(per_frame[0]) == pytest.approx(3 * float(per_frame[1]), rel=0.1)
 
 
 def test_sample_batch_is_deterministic():

@@ -28,3 +28,8 @@ def tiny_sd_v(tmp_path_factory) -> Path:
 def _offline(monkeypatch):
     """Tests never touch the network."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+# GPU-only tests: `@requires_cuda` (with the `gpu` marker). The condition is a bool computed here,
+# not the function object (nerfacc's `skipif(not torch.cuda.is_available, ...)` never skips).
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -123,7 +123,7 @@ class Prior:
         unknown = sorted(w for w in words if unk in self.tokenizer.tokenize(w))
         if not unknown:
             return
-        vocab = sorted(w for w in self.tokenizer.get_vocab() if w not in self.tokenizer.all_special_tokens)
+        vocab = sorted(w for w in self.tokenizer.get_vocab() if w.isalnum() and w not in self.tokenizer.all_special_tokens)
         known = f" It knows: {', '.join(vocab)}." if len(vocab) <= 300 else ""
         logger.warning("the model %s does not know the word(s) %s; they are ignored.%s For open-vocabulary prompts "
                        "use a real checkpoint: model=sd15, model=sd21-base or model=PATH to a diffusers folder.",

@@ -37,7 +37,7 @@ from pipelines.loading import REPO_ROOT
 from pipelines.runtime import (command_line, install_dir, make_run_dir, pick_device, versions, write_json, write_text,
                               write_yaml)
 
-from .render import BACKGROUND, render
+from .render import BACKGROUND, render, render_uint8
 from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes
 
 logger = logging.getLogger(__name__)
@@ -228,10 +228,7 @@ def render_set(n: int, seed: int, progress: bool = False, chunk: int = 256) -> t
     """n ground-truth renders (uint8, CPU) and their labels, deterministic from the seed."""
     scenes = sample_scenes(n, torch.Generator().manual_seed(seed))
     labels = {"color": scenes.color, "shape": scenes.shape, "view": scenes.views()}
-    images = torch.empty(n, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
-    for i in tqdm(range(0, n, chunk), desc=f"rendering {n} images", disable=not progress, leave=False):
-        part = scenes.map(lambda x: x[i:i + chunk])
-        images[i:i + chunk] = (render(part, IMAGE_SIZE) * 255).round().to(torch.uint8)
+    images = render_uint8(scenes, IMAGE_SIZE, "cpu", chunk, progress, f"rendering {n} images")
     return images, labels
 
 

@@ -25,6 +25,7 @@ import math
 import torch
 from einops import rearrange
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from .world import COLORS, SHAPES, Scene
 
@@ -247,3 +248,15 @@ def render_with_aux(scene: Scene, size: int = 64, supersample: int = 2):
 def render(scene: Scene, size: int = 64, supersample: int = 2) -> Tensor:
     """Render a batch of scenes to images (B, 3, size, size) in [0, 1]."""
     return render_with_aux(scene, size, supersample)[0]
+
+
+def render_uint8(scene: Scene, size: int = 64, device=None, chunk: int = 256, progress: bool = False,
+                 desc: str = "rendering") -> Tensor:
+    """Render a large batch in chunks to uint8 images (B, 3, size, size) on `device` (a data bank)."""
+    device = torch.device(device) if device is not None else scene.shape.device
+    n = len(scene)
+    images = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
+    for i in tqdm(range(0, n, chunk), desc=desc, disable=not progress, leave=False):
+        part = scene.map(lambda x: x[i:i + chunk]).to(device)
+        images[i:i + chunk] = (render(part, size) * 255).round().to(torch.uint8)
+    return images

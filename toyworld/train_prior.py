@@ -14,7 +14,6 @@ The result is a diffusers-format folder (`RUN_DIR/model`, copied to `save_to` wh
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from pipelines.errors import UserError
 from pipelines.runtime import command_line, install_dir, make_run_dir, versions, write_json, write_yaml
 
 from .model import Architecture, build_components, save_model
+from .render import render_uint8
 from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes, shape_word
 
 logger = logging.getLogger(__name__)
@@ -89,21 +89,9 @@ class Bank:
 
 
 def render_bank(n: int, size: int, seed: int, device: torch.device, progress: bool) -> Bank:
-    from .render import render
-
+    scenes = sample_scenes(n, torch.Generator().manual_seed(seed))
     chunk = 4096 if device.type == "cuda" else 256
-    g = torch.Generator().manual_seed(seed)
-    scenes = sample_scenes(n, g)
-    images = torch.empty(n, 3, size, size, dtype=torch.uint8, device=device)
-    for i in tqdm(range(0, n, chunk), desc="rendering ToyWorld bank", disable=not progress):
-        part = select(scenes, torch.arange(i, min(i + chunk, n)))
-        images[i:i + chunk] = (render(part.to(device), size) * 255).round().to(torch.uint8)
-    return Bank(images, scenes)
-
-
-def select(scene, idx: torch.Tensor):
-    """The scenes at indices `idx` of a batched Scene."""
-    return type(scene)(**{f.name: getattr(scene, f.name)[idx] for f in dataclasses.fields(scene)})
+    return Bank(render_uint8(scenes, size, device, chunk, progress, "rendering ToyWorld bank"), scenes)
 
 
 STAGES = {"vae": 1, "unet": 2}

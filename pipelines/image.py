@@ -53,12 +53,12 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path, model_hash: str,
-        load_seconds: float, progress: bool = True, process: int = 0) -> Path:
+        setup_s: dict[str, float], progress: bool = True, process: int = 0) -> Path:
     """Generate one prompt's images into a fresh run directory and return it."""
     run_dir = make_run_dir(out, "image", prompt)
     write_yaml(run_dir / "config.yaml", {"prompt": prompt, **to_dict(cfg), "seed": seed, "command": command_line()})
     timer = Timer()
-    timer.stages["load"] = round(load_seconds, 4)
+    timer.stages.update(setup_s)  # loading and hashing the model, shared by every prompt of the run
     generator = torch.Generator("cpu").manual_seed(seed)
     images = generate(prior, prompt, cfg, generator, timer, progress)
     files = []
@@ -91,10 +91,11 @@ def main(cfg: ImageConfig, prompts: list[str], out: str | Path, progress: bool =
     with timer("load"):
         prior = Prior.from_pretrained(cfg.model, device, dtype, cfg.allow_pickle, cfg.beta_schedule, cfg.revision)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
-    model_hash = prior.content_hash()
+    with timer("hash"):
+        model_hash = prior.content_hash()
     runs = []
     with state.split_between_processes(list(enumerate(prompts))) as mine:
         for i, prompt in mine:
-            runs.append(run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages["load"], progress,
+            runs.append(run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages, progress,
                             state.process_index))
     return runs

@@ -42,7 +42,7 @@ def test_image_run_directory_contract(tiny_sd, tmp_path):
         assert key in meta, key
     assert meta["seed"] == 5 and meta["device"] == "cpu" and meta["dtype"] == "float32"
     assert len(meta["model_hash"]) == 64 and meta["versions"]["torch"]
-    assert {"load", "encode_prompt", "denoise", "decode", "save"} <= set(meta["timings_s"])
+    assert {"load", "hash", "encode_prompt", "denoise", "decode", "save"} <= set(meta["timings_s"])
     assert not list(d.glob(".*")), "temp files left behind"
 
 

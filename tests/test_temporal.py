@@ -1,0 +1,69 @@
+"""Temporal layers: identity at initialisation, their own weights, and the prior's interface on videos."""
+
+import torch
+
+from pipelines import Prior
+from video.temporal import TemporalConv, inflate
+
+
+def test_inflated_unet_equals_image_unet_per_frame_at_init(tiny_sd):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    unet = prior.unet
+    video_unet = inflate(unet)
+    b, f = 2, 5
+    x = torch.randn(b, 4, f, 8, 8)
+    text = prior.encode_prompt(["a red cube", "a blue ball"]).cond
+    with torch.no_grad():
+        video = video_unet(x, 500, text, fps=torch.tensor([4.0, 12.0])).sample
+        frames = torch.stack([unet(x[:, :, i], 500, encoder_hidden_states=text).sample for i in range(f)], dim=2)
+    assert video.shape == (b, 4, f, 8, 8)
+    torch.testing.assert_close(video, frames, atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_layers_are_active_once_trained(tiny_sd):
+    """Not a no-op: perturbed temporal weights make frames depend on each other."""
+    prior = Prior.from_pretrained(str(tiny_sd))
+    video_unet = inflate(prior.unet)
+    with torch.no_grad():
+        for p in video_unet.temporal.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        text = prior.encode_prompt(["a red cube"]).cond
+        x = torch.randn(1, 4, 3, 8, 8)
+        out = video_unet(x, 10, text).sample
+        x2 = x.clone()
+        x2[:, :, 2] += 1.0  # change only the last frame
+        out2 = video_unet(x2, 10, text).sample
+    assert (out[:, :, 0] - out2[:, :, 0]).abs().max() > 1e-4  # frame 0 now sees frame 2
+
+
+def test_temporal_weights_save_and_load_apart(tiny_sd, tmp_path):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    video_unet = inflate(prior.unet)
+    with torch.no_grad():
+        for p in video_unet.temporal.parameters():
+            p.add_(torch.randn_like(p))
+    video_unet.temporal.save(tmp_path / "motion")
+    spatial = set(prior.unet.state_dict())
+    assert not spatial & set(video_unet.temporal.state_dict())
+    again = inflate(Prior.from_pretrained(str(tiny_sd)).unet, weights=tmp_path / "motion")
+    for k, v in video_unet.temporal.state_dict().items():
+        torch.testing.assert_close(again.temporal.state_dict()[k], v)
+    video_unet.freeze_spatial()
+    trainable = {n for n, p in video_unet.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("temporal.") for n in trainable)
+
+
+def test_prior_predicts_noise_for_videos(tiny_sd):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    image_eps = lambda x: prior.predict_noise(x, 300, text, guidance=5.0)
+    text = prior.encode_prompt(["a red cube"])
+    x = torch.randn(1, 4, 3, 8, 8)
+    frames = torch.stack([image_eps(x[:, :, i]) for i in range(3)], dim=2)
+    prior.unet = inflate(prior.unet)
+    torch.testing.assert_close(prior.predict_noise(x, 300, text, guidance=5.0), frames, atol=1e-5, rtol=1e-5)
+
+
+def test_pseudo_conv_is_dirac():
+    conv = TemporalConv(6)
+    x = torch.randn(2 * 4, 6, 3, 3)
+    torch.testing.assert_close(conv(x, frames=4), x)

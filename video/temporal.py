@@ -1,0 +1,207 @@
+"""Temporal layers that inflate the prior's 2D UNet into a video UNet (Make-A-Video, Singer et al. 2022).
+
+The spatial UNet is left untouched: a forward hook after every ResnetBlock2D applies a pseudo-3D
+convolution over frames, and a hook after every Transformer2DModel applies temporal self-attention.
+Frames are folded into the batch, `(b f) c h w`, as the spatial layers expect; each temporal layer
+unfolds them to attend or convolve over `f`.
+
+Both kinds start as the identity (a dirac-initialised 1D convolution, a zero-initialised attention
+output), so a freshly inflated UNet on F frames equals the image UNet on each frame (tests hold it).
+
+Temporal self-attention alone never sees the prompt, and the spatial layers were trained on still
+images, so motion words ("moving left") would reach nothing that moves things. Each temporal layer
+therefore also receives a conditioning vector: the pooled prompt embedding plus an embedding of the
+clip's frame rate (Make-A-Video's fps conditioning), added to every frame's tokens.
+
+The temporal layers are one `TemporalLayers` module with its own state dict, saved as its own
+safetensors file; `freeze_spatial()` leaves only them trainable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+WEIGHTS_NAME = "temporal_layers.safetensors"
+CONFIG_NAME = "temporal_config.json"
+
+
+@dataclass
+class TemporalConfig:
+    """Sizes of the temporal layers (saved next to their weights)."""
+
+    text_dim: int  # width of the prior's text embeddings
+    cond_dim: int = 128  # width of the fps + pooled-text conditioning vector
+    kernel_size: int = 3  # frames the pseudo-3D convolution sees
+    heads: int = 4  # temporal attention heads (reduced for narrow blocks)
+    max_frames: int = 64  # length of the learned-free sinusoidal position table
+
+
+def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """(...,) positions or rates -> (..., dim) sinusoidal features (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = x.float()[..., None] * freqs
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class TemporalConv(nn.Module):
+    """Pseudo-3D convolution: a 1D convolution over frames at every pixel, dirac-initialised (identity)."""
+
+    def __init__(self, channels: int, kernel_size: int = 3):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+        nn.init.dirac_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0] // frames
+        h, w = x.shape[-2:]
+        y = rearrange(x, "(b f) c h w -> (b h w) c f", f=frames)
+        y = self.conv(y)
+        return rearrange(y, "(b h w) c f -> (b f) c h w", b=b, h=h, w=w)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over frames at every pixel, with frame positions and the clip's conditioning
+    (pooled text + fps) added to the tokens; zero-initialised output, so it starts as the identity."""
+
+    def __init__(self, channels: int, cfg: TemporalConfig):
+        super().__init__()
+        heads = max(1, min(cfg.heads, channels // 8))
+        while channels % heads:
+            heads -= 1
+        self.norm = nn.GroupNorm(min(32, channels), channels) if channels % min(32, channels) == 0 else nn.Identity()
+        self.cond = nn.Linear(cfg.cond_dim, channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.register_buffer("positions", sinusoidal(torch.arange(cfg.max_frames), channels), persistent=False)
+
+    def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        b = x.shape[0] // frames
+        h, w = x.shape[-2:]
+        tokens = rearrange(self.norm(x), "(b f) c h w -> (b h w) f c", f=frames)
+        tokens = tokens + self.positions[:frames].to(tokens.dtype)
+        if cond is not None:  # (b, cond_dim) -> one vector per clip, shared by its pixels and frames
+            tokens = tokens + self.cond(cond).repeat_interleave(h * w, dim=0)[:, None, :].to(tokens.dtype)
+        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        delta = rearrange(self.out(attended), "(b h w) f c -> (b f) c h w", b=b, h=h, w=w)
+        return x + delta
+
+
+class TemporalLayers(nn.Module):
+    """Every temporal layer of a video UNet, keyed by the spatial block it follows (its own weights)."""
+
+    def __init__(self, unet: nn.Module, cfg: TemporalConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers = {}
+        for name, module in unet.named_modules():
+            kind = type(module).__name__
+            if kind == "ResnetBlock2D":
+                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size)
+            elif kind == "Transformer2DModel":
+                channels = module.out_channels or module.in_channels
+                layers[name] = TemporalAttention(channels, cfg)
+        self.layers = nn.ModuleDict({k.replace(".", "__"): v for k, v in layers.items()})
+        self.fps_embed = nn.Sequential(nn.Linear(64, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
+        self.text_embed = nn.Linear(cfg.text_dim, cfg.cond_dim)
+
+    def spatial_names(self) -> list[str]:
+        return [k.replace("__", ".") for k in self.layers]
+
+    def condition(self, text: torch.Tensor, fps: torch.Tensor) -> torch.Tensor:
+        """(b, L, D) prompt embeddings and (b,) frame rates -> (b, cond_dim)."""
+        return self.text_embed(text.float().mean(1)) + self.fps_embed(sinusoidal(fps, 64, max_period=100.0))
+
+    def save(self, folder: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_NAME)
+        (folder / CONFIG_NAME).write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        return folder / WEIGHTS_NAME
+
+
+@dataclass
+class VideoUNetOutput:
+    sample: torch.Tensor  # (b, c, f, h, w)
+
+
+class VideoUNet(nn.Module):
+    """The prior's 2D UNet plus temporal layers: takes (b, c, f, h, w) videos, or (b, c, h, w) images
+    (then the temporal layers are skipped and it is exactly the image UNet)."""
+
+    def __init__(self, unet: nn.Module, temporal: TemporalLayers):
+        super().__init__()
+        self.unet, self.temporal = unet, temporal
+        self._frames: int | None = None
+        self._cond: torch.Tensor | None = None
+        for name in temporal.spatial_names():
+            unet.get_submodule(name).register_forward_hook(self._hook(temporal.layers[name.replace(".", "__")]))
+
+    @property
+    def config(self):  # the prior reads sample_size / in_channels from here, as from any UNet
+        return self.unet.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def _hook(self, layer: nn.Module):
+        def after_spatial_block(module, args, output):
+            if self._frames is None:  # image mode: the spatial block's output, untouched
+                return output
+            if isinstance(output, tuple):  # Transformer2DModel(return_dict=False) -> (sample,)
+                return (layer(output[0], self._frames, self._cond),) + tuple(output[1:])
+            return layer(output, self._frames, self._cond)
+        return after_spatial_block
+
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                fps: torch.Tensor | float = 8.0, **unet_kwargs) -> VideoUNetOutput:
+        if sample.ndim == 4:
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)
+        b, _, f = sample.shape[:3]
+        x = rearrange(sample, "b c f h w -> (b f) c h w")
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t.repeat_interleave(f) if t.ndim == 1 else t
+        fps = torch.as_tensor(fps, device=sample.device, dtype=torch.float32).expand(b)
+        cond = self.temporal.condition(encoder_hidden_states, fps).to(sample.dtype)
+        self._frames, self._cond = f, cond
+        try:
+            out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states.repeat_interleave(f, 0),
+                            **unet_kwargs).sample
+        finally:
+            self._frames = self._cond = None
+        return VideoUNetOutput(rearrange(out, "(b f) c h w -> b c f h w", f=f))
+
+    def freeze_spatial(self) -> "VideoUNet":
+        """Only the temporal layers train, as in Make-A-Video."""
+        self.unet.requires_grad_(False)
+        self.temporal.requires_grad_(True)
+        return self
+
+
+def inflate(unet: nn.Module, cfg: TemporalConfig | None = None, weights: str | Path | None = None) -> VideoUNet:
+    """The video UNet: `unet` (left as it is) plus identity-initialised temporal layers, or the layers
+    saved in `weights` (a folder with temporal_layers.safetensors and temporal_config.json)."""
+    if weights is not None:
+        folder = Path(weights)
+        cfg = TemporalConfig(**json.loads((folder / CONFIG_NAME).read_text()))
+    cfg = cfg or TemporalConfig(text_dim=unet.config.cross_attention_dim)
+    temporal = TemporalLayers(unet, cfg)
+    if weights is not None:
+        from safetensors.torch import load_file
+
+        temporal.load_state_dict(load_file(Path(weights) / WEIGHTS_NAME))
+    param = next(unet.parameters())
+    return VideoUNet(unet, temporal.to(param.device, param.dtype))

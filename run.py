@@ -26,6 +26,7 @@ from pipelines.image import ImageConfig
 from toyworld.evaluate import EvalImageConfig
 from toyworld.judge import TrainJudgeConfig
 from toyworld.train_prior import TrainPriorConfig
+from video.pipeline import VideoConfig
 
 @dataclass(frozen=True)
 class Job:
@@ -42,6 +43,8 @@ class Job:
 # `run.py JOB [WHAT]`: jobs with a prompt have no WHAT (key None); train/eval name what they act on.
 JOBS: dict[str, dict[str | None, Job]] = {
     "image": {None: Job(ImageConfig, "image", "pipelines.image", "text -> image PNGs from the prior", prompt=True)},
+    "video": {None: Job(VideoConfig, "video", "video.pipeline",
+                        "text -> MP4 clip: the prior's UNet inflated with temporal layers", prompt=True)},
     "train": {
         "prior": Job(TrainPriorConfig, "train_prior", "toyworld.train_prior",
                      "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),

@@ -16,7 +16,6 @@ def reference_images(path, sampler, prompt, steps, guidance, seed, n=1, negative
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    prior = Prior.from_pretrained(str(path))
     pipe.scheduler = SAMPLERS[sampler][0].from_config(pipe.scheduler.config, **SAMPLERS[sampler][1])
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,

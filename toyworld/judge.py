@@ -37,7 +37,7 @@ from pipelines.loading import REPO_ROOT
 from pipelines.runtime import (command_line, install_dir, make_run_dir, pick_device, versions, write_json, write_text,
                               write_yaml)
 
-from .render import BACKGROUND, render, render_uint8
+from .render import BACKGROUND, render_uint8
 from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from pipelines.config import build, load_yaml, option, to_dict
-from pipelines.config import preset as config_preset
+from pipelines.config import option, to_dict
 from pipelines.errors import UserError
-from pipelines.runtime import command_line, install_dir, make_run_dir, versions, write_json, write_yaml
+from pipelines.runtime import command_line, install_dir, versions, write_json
+from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
+                                step_generator)
 
 from .model import Architecture, build_components, save_model
 from .render import render_uint8
@@ -92,14 +91,6 @@ def render_bank(n: int, size: int, seed: int, device: torch.device, progress: bo
     scenes = sample_scenes(n, torch.Generator().manual_seed(seed))
     chunk = 4096 if device.type == "cuda" else 256
     return Bank(render_uint8(scenes, size, device, chunk, progress, "rendering ToyWorld bank"), scenes)
-
-
-STAGES = {"vae": 1, "unet": 2}
-
-
-def step_generator(seed: int, stage: str, step: int, process: int) -> torch.Generator:
-    """A generator per (stage, step, process): the data stream is reproducible and resumes exactly."""
-    return torch.Generator().manual_seed(((seed * 7 + STAGES[stage]) * 1_000_003 + step) * 1009 + process)
 
 
 def caption_table(bank: Bank, tokenizer, seed: int) -> torch.Tensor:
@@ -166,113 +157,18 @@ class DenoiserObjective(torch.nn.Module):
         return F.mse_loss(pred.float(), noise.float())
 
 
-# ----------------------------------------------------------------------------------------- the loop
-@dataclass
-class Stage:
-    name: str
-    steps: int
-    lr: float
-    deadline: float  # time.monotonic() after which the stage stops early
-
-
-def lr_factor(step: int, warmup: int, progress: float) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak as `progress` goes 0 -> 1."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Path, start: int,
-              ema=None, progress: bool = True, log: list | None = None) -> int:
-    """Optimise `objective(**batch_fn(step))` for `stage.steps` steps; returns the last step done."""
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
-    model, opt = accel.prepare(objective, opt)
-    warmup, began = min(cfg.warmup_steps, stage.steps // 5 + 1), time.monotonic()
-    if ema is not None:
-        accel.register_for_checkpointing(ema)
-    ckpt = run_dir / "checkpoints" / stage.name
-    if start > 0:
-        accel.load_state(str(ckpt))
-        if ema is not None:
-            ema.to(accel.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
-    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
-               disable=not (progress and accel.is_main_process))
-    step = start
-    for step in bar:
-        # The schedule follows steps, or the wall-clock budget when that runs out first (max_minutes).
-        progress = max(step / max(1, stage.steps), (time.monotonic() - began) / max(1e-9, stage.deadline - began))
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * lr_factor(step, warmup, progress)
-        with accel.accumulate(model):
-            loss = model(**batch_fn(step))
-            accel.backward(loss)
-            if accel.sync_gradients:
-                accel.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if ema is not None and accel.sync_gradients:
-            ema.step(params)
-        if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then
-            value = loss.item()
-            if not math.isfinite(value):
-                raise UserError(f"{stage.name} loss became {value} at step {step}; lower the learning rate "
-                                f"or resume from the last checkpoint in {ckpt}")
-            if log is not None:
-                log.append({"stage": stage.name, "step": step, "loss": round(value, 6)})
-            bar.set_postfix(loss=f"{value:.4f}")
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
-            save_checkpoint(accel, ckpt, stage.name, done)
-        if time.monotonic() > stage.deadline and done < stage.steps:
-            logger.info("%s stage stopped by max_minutes at step %d/%d", stage.name, done, stage.steps)
-            return done
-    return max(start, step + 1) if stage.steps > start else start
-
-
-def save_checkpoint(accel, folder: Path, stage: str, step: int) -> None:
-    accel.wait_for_everyone()
-    accel.save_state(str(folder))
-    if accel.is_main_process:
-        write_json(folder / "progress.json", {"stage": stage, "step": step})
-
-
-def checkpoint_step(run_dir: Path, stage: str) -> int:
-    f = run_dir / "checkpoints" / stage / "progress.json"
-    return json.loads(f.read_text())["step"] if f.is_file() else 0
-
-
 # ------------------------------------------------------------------------------------------ driver
-def open_run(cfg: TrainPriorConfig, out: str | Path) -> tuple[Path, TrainPriorConfig]:
-    """A new run directory, or the one named by resume=: its saved config, plus the options this
-    command changed from the preset (so `resume=RUN unet_steps=50000` trains on to 50k steps)."""
-    if cfg.resume is None:
-        run_dir = make_run_dir(out, "train", "prior")
-        write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
-        return run_dir, cfg
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"resume={run_dir} is not a train run directory (no config.yaml)")
-    saved = load_yaml(run_dir / "config.yaml")
-    saved.pop("command", None)
-    preset = to_dict(build(TrainPriorConfig, config_preset("train_prior")))
-    changed = {k: v for k, v in to_dict(cfg).items() if v != preset.get(k) and k != "arch"}
-    resumed = build(TrainPriorConfig, {**saved, **changed})
-    resumed.validate()
-    write_yaml(run_dir / "config.yaml", {**to_dict(resumed), "command": command_line()})
-    return run_dir, resumed
-
-
 def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    run_dir, cfg = open_run(cfg, out)
+    run_dir, cfg = open_run(TrainPriorConfig, "train_prior", cfg, out, "prior")
     started, wall = time.monotonic(), {}
     meta = run_dir / "metadata.json"
     earlier = json.loads(meta.read_text()).get("sessions", []) if cfg.resume and meta.is_file() else []
     log: list = json.loads((run_dir / "losses.json").read_text()) if (run_dir / "losses.json").is_file() else []
     budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
-    accel = Accelerator(mixed_precision=_mixed_precision(cfg), gradient_accumulation_steps=cfg.grad_accum,
+    accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device), gradient_accumulation_steps=cfg.grad_accum,
                         cpu=cfg.device == "cpu")
     device, rank = accel.device, accel.process_index
     torch.manual_seed(cfg.seed)
@@ -352,17 +248,12 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
                    "scaling_factor": scaling, "config": to_dict(cfg), "sessions": sessions}
         write_json(model_dir / "training.json", summary)
         write_json(run_dir / "losses.json", log)
+        plot_losses(run_dir / "loss_curve.png", log)
         write_json(run_dir / "metadata.json", summary)
         if cfg.save_to:
             install_dir(model_dir, Path(cfg.save_to))
         logger.info("trained prior saved to %s", model_dir)
     return run_dir
-
-
-def _mixed_precision(cfg: TrainPriorConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    return "bf16" if cfg.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 @torch.no_grad()

@@ -1,0 +1,155 @@
+"""What every trainer shares (`run.py train prior|judge|temporal`): run directories that resume,
+the Accelerate optimisation loop with checkpoints, per-step generators, and a loss-curve PNG."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import build, load_yaml, preset, to_dict
+from .errors import UserError
+from .runtime import atomic_path, command_line, make_run_dir, write_json, write_yaml
+
+logger = logging.getLogger(__name__)
+
+
+def step_generator(seed: int, stage: str, step: int, process: int) -> torch.Generator:
+    """A generator per (stage, step, process): the data stream is reproducible and resumes exactly."""
+    return torch.Generator().manual_seed(((seed * 7 + zlib.crc32(stage.encode())) * 1_000_003 + step) * 1009 + process)
+
+
+def mixed_precision(name: str, device: str) -> str:
+    """auto -> bf16 autocast on capable GPUs, none on CPU."""
+    if name != "auto":
+        return name
+    return "bf16" if device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def open_run(cls: type, preset_name: str, cfg, out: str | Path, name: str):
+    """A new run directory, or the one named by `cfg.resume`: its saved config plus the options this
+    command changed from the preset (so `resume=RUN unet_steps=50000` trains on to 50k steps)."""
+    if cfg.resume is None:
+        run_dir = make_run_dir(out, "train", name)
+        write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+        return run_dir, cfg
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"resume={run_dir} is not a train run directory (no config.yaml)")
+    saved = load_yaml(run_dir / "config.yaml")
+    saved.pop("command", None)
+    defaults = to_dict(build(cls, preset(preset_name)))
+    changed = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k) and k != "arch"}
+    resumed = build(cls, {**saved, **changed})
+    resumed.validate()
+    write_yaml(run_dir / "config.yaml", {**to_dict(resumed), "command": command_line()})
+    return run_dir, resumed
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: int
+    lr: float
+    deadline: float  # time.monotonic() after which the stage stops early
+
+
+def lr_factor(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak as `progress` goes 0 -> 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Path, start: int,
+              ema=None, progress: bool = True, log: list | None = None) -> int:
+    """Optimise `objective(**batch_fn(step))` for `stage.steps` steps; returns the last step done."""
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+    model, opt = accel.prepare(objective, opt)
+    warmup, began = min(cfg.warmup_steps, stage.steps // 5 + 1), time.monotonic()
+    if ema is not None:
+        accel.register_for_checkpointing(ema)
+    ckpt = run_dir / "checkpoints" / stage.name
+    if start > 0:
+        accel.load_state(str(ckpt))
+        if ema is not None:
+            ema.to(accel.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
+    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
+               disable=not (progress and accel.is_main_process))
+    step = start
+    for step in bar:
+        # The schedule follows steps, or the wall-clock budget when that runs out first (max_minutes).
+        progress = max(step / max(1, stage.steps), (time.monotonic() - began) / max(1e-9, stage.deadline - began))
+        for group in opt.param_groups:
+            group["lr"] = stage.lr * lr_factor(step, warmup, progress)
+        with accel.accumulate(model):
+            loss = model(**batch_fn(step))
+            accel.backward(loss)
+            if accel.sync_gradients:
+                accel.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if ema is not None and accel.sync_gradients:
+            ema.step(params)
+        if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then
+            value = loss.item()
+            if not math.isfinite(value):
+                raise UserError(f"{stage.name} loss became {value} at step {step}; lower the learning rate "
+                                f"or resume from the last checkpoint in {ckpt}")
+            if log is not None:
+                log.append({"stage": stage.name, "step": step, "loss": round(value, 6)})
+            bar.set_postfix(loss=f"{value:.4f}")
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
+            save_checkpoint(accel, ckpt, stage.name, done)
+        if time.monotonic() > stage.deadline and done < stage.steps:
+            logger.info("%s stage stopped by max_minutes at step %d/%d", stage.name, done, stage.steps)
+            return done
+    return max(start, step + 1) if stage.steps > start else start
+
+
+def save_checkpoint(accel, folder: Path, stage: str, step: int) -> None:
+    accel.wait_for_everyone()
+    accel.save_state(str(folder))
+    if accel.is_main_process:
+        write_json(folder / "progress.json", {"stage": stage, "step": step})
+
+
+def checkpoint_step(run_dir: Path, stage: str) -> int:
+    f = run_dir / "checkpoints" / stage / "progress.json"
+    return json.loads(f.read_text())["step"] if f.is_file() else 0
+
+
+
+
+def plot_losses(path: str | Path, log: list[dict], width: int = 640, height: int = 360) -> Path:
+    """A loss-curve PNG (log10 loss against step, one colour per stage), drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    points = [(r["stage"], r["step"], math.log10(max(r["loss"], 1e-8))) for r in log]
+    if points:
+        stages = list(dict.fromkeys(p[0] for p in points))
+        x_max = max(p[1] for p in points) or 1
+        lo, hi = min(p[2] for p in points), max(p[2] for p in points)
+        hi = hi if hi > lo else lo + 1
+        colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+        for k, stage in enumerate(stages):
+            xy = [(40 + (width - 60) * s / x_max, 20 + (height - 50) * (hi - v) / (hi - lo))
+                  for st, s, v in points if st == stage]
+            if len(xy) > 1:
+                draw.line(xy, fill=colours[k % 4], width=2)
+            draw.text((50 + 90 * k, 4), stage, fill=colours[k % 4])
+        draw.text((4, height - 16), f"step 0..{x_max}   log10 loss {lo:.2f}..{hi:.2f}", fill="black")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path

@@ -27,6 +27,7 @@ from toyworld.evaluate import EvalImageConfig
 from toyworld.judge import TrainJudgeConfig
 from toyworld.train_prior import TrainPriorConfig
 from video.pipeline import VideoConfig
+from video.train import TrainTemporalConfig
 
 @dataclass(frozen=True)
 class Job:
@@ -50,6 +51,8 @@ JOBS: dict[str, dict[str | None, Job]] = {
                      "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
         "judge": Job(TrainJudgeConfig, "train_judge", "toyworld.judge",
                      "the ToyWorld judge: a small CNN naming colour, shape and view"),
+        "temporal": Job(TrainTemporalConfig, "train_temporal", "video.train",
+                        "the video UNet's temporal layers on clips, the prior frozen (Make-A-Video)"),
     },
     "eval": {
         "image": Job(EvalImageConfig, "eval_image", "toyworld.evaluate",

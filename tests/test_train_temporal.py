@@ -1,0 +1,49 @@
+"""`run.py train temporal` on a tiny prior: ToyWorld clips, a folder of videos, caption-free mode."""
+
+import json
+
+import torch
+
+import run
+from video.export import write_mp4
+
+TINY = ["frames=3", "bank_size=6", "batch_size=2", "steps=2", "checkpoint_every=1", "warmup_steps=1", "device=cpu",
+        "--quiet"]
+
+
+def only_run(out):
+    [d] = list((out / "train").iterdir())
+    return d
+
+
+def test_train_temporal_toyworld_then_video(tiny_sd, tmp_path):
+    assert run.main(["train", "temporal", f"model={tiny_sd}", *TINY, "--out", str(tmp_path / "t")]) == 0
+    d = only_run(tmp_path / "t")
+    assert (d / "loss_curve.png").is_file() and json.loads((d / "metadata.json").read_text())["steps"] == 2
+    motion = d / "motion"
+    assert run.main(["video", "a red ball moving left", f"model={tiny_sd}", f"motion={motion}", "steps=1", "frames=3",
+                     "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    # resume trains on from the checkpoint to more steps
+    assert run.main(["train", "temporal", f"resume={d}", "steps=3", "--quiet"]) == 0
+    assert json.loads((d / "metadata.json").read_text())["steps"] == 3
+
+
+def test_train_temporal_on_a_video_folder_caption_free(tiny_sd, tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        write_mp4(videos / f"clip{i}.mp4", torch.rand(12, 3, 20, 20), fps=12)
+    (videos / "notes.txt").write_text("not a video")
+    assert run.main(["train", "temporal", f"model={tiny_sd}", f"data={videos}", "captions=false", *TINY,
+                     "--out", str(tmp_path / "t")]) == 0
+    meta = json.loads((only_run(tmp_path / "t") / "metadata.json").read_text())
+    assert meta["captions"] is False and meta["clips"] == 6
+
+
+def test_train_temporal_empty_video_folder_is_a_clear_error(tiny_sd, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.mp4").write_bytes(b"not really a video")
+    assert run.main(["train", "temporal", f"model={tiny_sd}", f"data={empty}", *TINY, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds no readable video" in err and "\n" not in err

@@ -1,0 +1,211 @@
+"""`python run.py train temporal`: train only the temporal layers on video, the spatial prior frozen
+(Make-A-Video, sec. 3.2).
+
+Data: ToyWorld clips (captioned "a blue ball bouncing", rendered at several frame rates so the fps
+conditioning means something), encoded once to latents; or a folder of video files (mp4/webm,
+decoded with PyAV; optional `captions.txt` of `file<TAB>caption` lines). `captions=false` trains
+on unlabeled video as the paper does: every prompt is empty and the layers learn motion alone.
+Loss: DDPM epsilon on the video latents (Ho et al. 2020, eq. 14); EMA of the temporal weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from tqdm.auto import tqdm
+
+from pipelines.config import option, to_dict
+from pipelines.errors import UserError
+from pipelines.prior import Prior
+from pipelines.runtime import command_line, install_dir, versions, write_json
+from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
+                                step_generator)
+
+from .temporal import TemporalConfig, inflate
+
+logger = logging.getLogger(__name__)
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+
+
+@dataclass
+class TrainTemporalConfig:
+    model: str = option("toyworld", "the frozen prior: preset, folder or hub id")
+    data: str = option("toyworld", "'toyworld' (rendered clips) or a folder of video files")
+    captions: bool = option(True, "train on captions; false = caption-free, on unlabeled video")
+    frames: int = option(8, "frames per training clip")
+    fps_choices: tuple[float, ...] = option((4.0, 8.0, 12.0), "frame rates clips are sampled at (fps conditioning)")
+    bank_size: int = option(4000, "number of training clips (rendered, or cut from the video folder)")
+    steps: int = option(6000, "optimisation steps")
+    batch_size: int = option(16, "clips per step per process")
+    lr: float = option(3e-4, "learning rate of the temporal layers (AdamW)")
+    warmup_steps: int = option(200, "linear warm-up steps (then cosine decay to 10%)")
+    caption_dropout: float = option(0.1, "fraction of captions replaced by '' (classifier-free guidance)")
+    ema_decay: float = option(0.999, "EMA decay of the temporal weights (0 disables EMA)")
+    cond_dim: int = option(128, "width of the fps + pooled-text conditioning")
+    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
+    max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
+    seed: int = option(0, "seed for the data and every random draw")
+    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
+    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
+    save_to: Optional[str] = option(None, "also install the trained temporal layers here (e.g. models/toyworld-motion)")
+
+    def validate(self) -> None:
+        for name in ("frames", "bank_size", "batch_size", "grad_accum", "checkpoint_every", "steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.fps_choices or min(self.fps_choices) <= 0:
+            raise UserError("fps_choices must list positive frame rates")
+        if self.data != "toyworld" and not Path(self.data).is_dir():
+            raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
+
+
+# ----------------------------------------------------------------------------------------------- data
+def toyworld_clips(cfg: TrainTemporalConfig, size: int, progress: bool) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Rendered clips (N, 3, F, H, W) uint8, their captions and frame rates."""
+    from toyworld.video import sample_clip_batch
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    videos, captions, fps = [], [], []
+    for start in tqdm(range(0, cfg.bank_size, 256), desc="rendering ToyWorld clips", disable=not progress):
+        n = min(256, cfg.bank_size - start)
+        rate = torch.tensor(cfg.fps_choices)[torch.randint(len(cfg.fps_choices), (n,), generator=g)]
+        for r in rate.unique().tolist():  # the renderer takes one fps per call
+            k = int((rate == r).sum())
+            v, c, _ = sample_clip_batch(k, g, frames=cfg.frames, size=size, fps=r)
+            videos.append((v * 255).round().to(torch.uint8)); captions += c; fps += [r] * k
+    return torch.cat(videos), captions, torch.tensor(fps)
+
+
+def folder_clips(cfg: TrainTemporalConfig, size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Clips cut from every readable video in `cfg.data`, every `source_fps / fps` frames, resized."""
+    import av
+
+    folder = Path(cfg.data)
+    names = {}
+    if (folder / "captions.txt").is_file():
+        names = dict(line.split("\t", 1) for line in (folder / "captions.txt").read_text().splitlines() if "\t" in line)
+    videos, captions, fps = [], [], []
+    g = torch.Generator().manual_seed(cfg.seed)
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES):
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                source_fps = float(stream.average_rate or 24)
+                frames = torch.stack([torch.from_numpy(f.to_ndarray(format="rgb24")) for f in container.decode(stream)])
+        except (av.FFmpegError, OSError, IndexError, RuntimeError) as e:
+            logger.warning("skipping unreadable video %s (%s)", path.name, str(e).splitlines()[0][:80])
+            continue
+        frames = F.interpolate(rearrange(frames, "t h w c -> t c h w").float(), size=(size, size), mode="area")
+        for rate in cfg.fps_choices:
+            stride = max(1, round(source_fps / rate))
+            span = stride * (cfg.frames - 1) + 1
+            for start in range(0, len(frames) - span + 1, max(span // 2, 1)):
+                videos.append(rearrange(frames[start:start + span:stride], "f c h w -> c f h w").round().to(torch.uint8))
+                captions.append(names.get(path.name, "").strip()); fps.append(source_fps / stride)
+    if not videos:
+        raise UserError(f"data={folder} holds no readable video of at least {cfg.frames} frames "
+                        f"({', '.join(VIDEO_SUFFIXES)})")
+    keep = torch.randperm(len(videos), generator=g)[: cfg.bank_size]
+    return torch.stack([videos[i] for i in keep]), [captions[i] for i in keep], torch.tensor([fps[i] for i in keep])
+
+
+@torch.no_grad()
+def encode_clips(prior: Prior, clips: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """uint8 clips (N, 3, F, H, W) -> latents (N, C, F, h, w), float32 on the prior's device."""
+    n, f = clips.shape[0], clips.shape[2]
+    frames = rearrange(clips, "n c f h w -> (n f) c h w")
+    latents = torch.cat([prior.encode_images(frames[i:i + chunk].float() / 255, sample=False, chunk=chunk)
+                         for i in range(0, len(frames), chunk)])
+    return rearrange(latents, "(n f) c h w -> n c f h w", n=n, f=f)
+
+
+# ------------------------------------------------------------------------------------------ training
+class TemporalObjective(torch.nn.Module):
+    """DDPM epsilon loss of the video UNet; only its temporal layers have trainable weights."""
+
+    def __init__(self, video_unet, text_encoder, alphas_cumprod: torch.Tensor):
+        super().__init__()
+        self.video_unet, self.text_encoder = video_unet, text_encoder
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+
+    def forward(self, ids, z0, noise, t, fps) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+        x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        with torch.no_grad():
+            emb = self.text_encoder(ids)[0]
+        pred = self.video_unet(x_t, t, emb, fps=fps).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+
+def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
+    import json
+    import time
+
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    run_dir, cfg = open_run(TrainTemporalConfig, "train_temporal", cfg, out, "temporal")
+    started = time.monotonic()
+    accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device),
+                        gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
+    device, rank, show = accel.device, accel.process_index, progress and accel.is_main_process
+    prior = Prior.from_pretrained(cfg.model, device, torch.float32)  # frozen; autocast handles precision
+
+    # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
+    clips, captions, fps = (toyworld_clips(cfg, prior.default_size, show) if cfg.data == "toyworld"
+                            else folder_clips(cfg, prior.default_size))
+    latents = encode_clips(prior, clips)
+    if not cfg.captions:
+        captions = [""] * len(captions)
+    tok = prior.tokenizer
+    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+
+    # 2. the video UNet: identity-initialised temporal layers (or the checkpoint's), spatial frozen
+    torch.manual_seed(cfg.seed)
+    video_unet = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim,
+                                                    cond_dim=cfg.cond_dim, max_frames=max(64, cfg.frames)))
+    video_unet.freeze_spatial()
+    params = [p for p in video_unet.temporal.parameters()]
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay > 0 else None
+
+    def batch(step):
+        g = step_generator(cfg.seed, "temporal", step, rank)
+        idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
+        dropped = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
+        noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=g)
+        t = torch.randint(prior.num_train_timesteps, (cfg.batch_size,), generator=g)
+        return {"ids": torch.where(dropped[:, None], empty, ids[idx]).to(device), "z0": latents[idx.to(device)],
+                "noise": noise.to(device), "t": t.to(device), "fps": fps[idx].to(device)}
+
+    log_file = run_dir / "losses.json"
+    log = json.loads(log_file.read_text()) if log_file.is_file() else []
+    stage = Stage("temporal", cfg.steps, cfg.lr, started + (cfg.max_minutes * 60 if cfg.max_minutes else float("inf")))
+    done = run_stage(accel, stage, TemporalObjective(video_unet, prior.text_encoder, prior.alphas_cumprod), params,
+                     batch, cfg, run_dir, checkpoint_step(run_dir, "temporal"), ema=ema, progress=progress, log=log)
+
+    # 3. save the EMA temporal layers on their own (safetensors + config), next to nothing else
+    if accel.is_main_process:
+        if ema is not None:
+            ema.copy_to(params)
+        folder = video_unet.temporal.to(torch.float32).save(run_dir / "motion").parent
+        summary = {"steps": done, "clips": len(latents), "data": cfg.data, "captions": cfg.captions,
+                   "model": prior.model_id, "command": command_line(), "device": str(device),
+                   "mixed_precision": accel.mixed_precision, "wall_s": round(time.monotonic() - started, 1),
+                   "versions": versions(), "config": to_dict(cfg)}
+        write_json(folder / "training.json", summary)
+        write_json(run_dir / "metadata.json", summary)
+        write_json(log_file, log)
+        plot_losses(run_dir / "loss_curve.png", log)
+        if cfg.save_to:
+            install_dir(folder, Path(cfg.save_to))
+        logger.info("temporal layers saved to %s", folder)
+    return run_dir

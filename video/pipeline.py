@@ -6,6 +6,7 @@ loop as images (`pipelines.sampling.sample`), on latents shaped (b, c, f, h, w).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Optional
 
 import torch
 from einops import rearrange
+from torch import nn
 
 from pipelines.config import option, to_dict
 from pipelines.errors import UserError
@@ -22,7 +24,7 @@ from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, pi
 from pipelines.sampling import initial_noise, sample
 
 from .export import write_frames, write_gif, write_mp4
-from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, inflate
+from .temporal import CONFIG_NAME, WEIGHTS_NAME, inflate
 
 logger = logging.getLogger(__name__)
 MAX_FRAMES = 64  # the temporal position table's length (TemporalConfig.max_frames)
@@ -43,19 +45,66 @@ class VideoConfig(SamplingOptions):
             raise UserError(f"fps must be a positive number, got {self.fps}")
 
 
-def load_motion(prior: Prior, motion: str | None) -> VideoUNet:
-    """Inflate the prior's UNet with the temporal layers in `motion` (or fresh identity layers)."""
+def load_motion(prior: Prior, motion: str | None) -> nn.Module:
+    """Inflate the prior's UNet with temporal layers: ours (`train temporal`), an AnimateDiff
+    `MotionAdapter` (folder or hub id), or fresh identity layers when `motion` is None."""
     if motion is None:
         logger.warning("no trained temporal layers for %s: the frames are independent images "
                        "(pass motion=FOLDER made by `python run.py train temporal`)", prior.model_id)
         return inflate(prior.unet)
-    folder = Path(motion)
-    if not ((folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file()):
-        raise UserError(f"motion={motion} is not a motion module: expected {WEIGHTS_NAME} and {CONFIG_NAME} in it")
+    folder = _motion_folder(motion)
     try:
-        return inflate(prior.unet, weights=folder)
-    except (RuntimeError, ValueError, TypeError, KeyError) as e:
+        if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
+            return inflate(prior.unet, weights=folder)
+        if _is_motion_adapter(folder):
+            return AnimateDiffUNet.from_adapter(prior.unet, folder)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"motion={motion} does not fit model {prior.model_id}: {str(e).splitlines()[0][:160]}") from None
+    raise UserError(f"motion={motion} is not a motion module: expected {WEIGHTS_NAME} + {CONFIG_NAME} "
+                    f"(`python run.py train temporal`) or an AnimateDiff MotionAdapter folder")
+
+
+def _motion_folder(motion: str) -> Path:
+    from pipelines.loading import _download, _looks_like_hub_id
+
+    path = Path(motion).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_hub_id(motion):
+        return _download(motion, None)
+    raise UserError(f"motion={motion}: no such folder")
+
+
+def _is_motion_adapter(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("_class_name") == "MotionAdapter"
+
+
+class AnimateDiffUNet(nn.Module):
+    """diffusers' UNetMotionModel (the 2D UNet + an AnimateDiff MotionAdapter) behind the same call
+    as our VideoUNet: (b, c, f, h, w) in and out. AnimateDiff has no fps conditioning, so fps is unused."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def from_adapter(cls, unet: nn.Module, folder: Path) -> "AnimateDiffUNet":
+        from diffusers import MotionAdapter, UNetMotionModel
+
+        adapter = MotionAdapter.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        param = next(unet.parameters())
+        model = UNetMotionModel.from_unet2d(unet, adapter).to(param.device, param.dtype).eval().requires_grad_(False)
+        return cls(model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, sample, timestep, encoder_hidden_states, fps=None, **unet_kwargs):
+        # UNetMotionModel folds frames into the batch but expects the text already repeated per frame.
+        text = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
+        return self.model(sample, timestep, encoder_hidden_states=text, **unet_kwargs)
 
 
 @torch.no_grad()

@@ -24,6 +24,7 @@ from pipelines import config
 from pipelines.errors import UserError
 from pipelines.image import ImageConfig
 from toyworld.evaluate import EvalImageConfig
+from toyworld.evaluate_video import EvalVideoConfig
 from toyworld.judge import TrainJudgeConfig
 from toyworld.train_prior import TrainPriorConfig
 from video.pipeline import VideoConfig
@@ -57,6 +58,8 @@ JOBS: dict[str, dict[str | None, Job]] = {
     "eval": {
         "image": Job(EvalImageConfig, "eval_image", "toyworld.evaluate",
                      "the prior's images of every colour x shape prompt, scored by the judge"),
+        "video": Job(EvalVideoConfig, "eval_video", "toyworld.evaluate_video",
+                     "clips of colour x shape x motion prompts: judge per frame, motion from silhouettes"),
     },
 }
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

@@ -1,0 +1,245 @@
+"""`python run.py eval video`: does the video model draw the right object, keep it, and move it as told?
+
+For each prompt "a {color} {shape} {motion}" of the grid, `samples_per_prompt` clips are generated
+exactly as `python run.py video` makes them. The report (report.json, report.md, strip.png) covers:
+- per-frame colour and shape accuracy (the ToyWorld judge on every frame);
+- identity stability: frames whose judged colour and shape equal the clip's majority;
+- motion correctness, from the object's silhouette (pixels away from the plain background):
+  moving left/right/up/down -> the sign of the centroid's displacement; growing/shrinking -> the sign
+  of the area trend; bouncing -> a reversal of vertical direction (spinning has no criterion);
+- temporal smoothness: mean frame-to-frame pixel change, against ToyWorld ground-truth clips;
+- fps effect: centroid displacement per frame at fps=4 against fps=12 ("moving right" prompts).
+The same motion metrics run on ground-truth clips, so the report says how far the metric itself can be trusted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipelines.config import option, to_dict
+from pipelines.errors import UserError
+from pipelines.prior import Prior
+from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, pick_dtype, save_image, versions,
+                               write_json, write_text, write_yaml)
+
+from video.pipeline import VideoConfig, default_motion, load_motion
+
+from .judge import DEFAULT_PATH, load_judge
+from .render import BACKGROUND
+from .world import COLOR_NAMES, MOTIONS, SHAPES
+
+logger = logging.getLogger(__name__)
+SIGNED = {"moving left": ("x", -1), "moving right": ("x", 1), "moving up": ("y", -1), "moving down": ("y", 1),
+          "growing": ("area", 1), "shrinking": ("area", -1)}
+
+
+@dataclass
+class EvalVideoConfig(VideoConfig):
+    samples_per_prompt: int = option(4, "clips generated per prompt")
+    colors: tuple[str, ...] = option(("red", "green", "blue"), "colours of the prompt grid; [] for all")
+    shapes: tuple[str, ...] = option(("sphere", "cube"), "shapes of the prompt grid; [] for all")
+    motions: tuple[str, ...] = option((), "motions of the prompt grid, e.g. ['moving left']; [] for all")
+    judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.samples_per_prompt < 1:
+            raise UserError(f"samples_per_prompt must be at least 1, got {self.samples_per_prompt}")
+        if self.frames < 3:
+            raise UserError(f"eval video needs at least 3 frames to judge motion, got {self.frames}")
+        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS)):
+            unknown = [x for x in getattr(self, name) if x not in known]
+            if unknown:
+                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+
+    def grid(self) -> list[tuple[int, int, int]]:
+        pick = lambda chosen, known: [i for i, x in enumerate(known) if not chosen or x in chosen]
+        return [(c, s, m) for c in pick(self.colors, COLOR_NAMES) for s in pick(self.shapes, SHAPES)
+                for m in pick(self.motions, MOTIONS)]
+
+
+# ------------------------------------------------------------------------------------ motion metrics
+def silhouettes(clips: torch.Tensor, threshold: float = 0.12) -> torch.Tensor:
+    """(n, F, 3, H, W) in [0, 1] -> (n, F, H, W) masks of pixels away from the plain background."""
+    return ((clips - BACKGROUND).abs().amax(dim=2) > threshold).float()
+
+
+def tracks(clips: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per frame: silhouette centroid x, y (pixels; y grows downwards) and area fraction, each (n, F)."""
+    mask = silhouettes(clips)
+    h, w = mask.shape[-2:]
+    area = mask.sum((-2, -1)).clamp(min=1.0)
+    ys = torch.arange(h, dtype=torch.float32)[:, None]
+    xs = torch.arange(w, dtype=torch.float32)[None, :]
+    return {"x": (mask * xs).sum((-2, -1)) / area, "y": (mask * ys).sum((-2, -1)) / area, "area": area / (h * w)}
+
+
+def slope(series: torch.Tensor) -> torch.Tensor:
+    """Least-squares slope per row of (n, F) over frame index."""
+    t = torch.arange(series.shape[-1], dtype=torch.float32)
+    t = t - t.mean()
+    return ((series - series.mean(-1, keepdim=True)) * t).sum(-1) / (t * t).sum()
+
+
+def motion_correct(clips: torch.Tensor, motion: list[str], min_reversal_px: float = 0.5) -> list[bool | None]:
+    """Did each clip move as its motion word says? None where there is no criterion (spinning)."""
+    track = tracks(clips)
+    out: list[bool | None] = []
+    for i, m in enumerate(motion):
+        if m in SIGNED:
+            key, sign = SIGNED[m]
+            out.append(bool(slope(track[key][i : i + 1])[0] * sign > 0))
+        elif m == "bouncing":  # a bounce goes up, then comes down (or the reverse): dy changes sign
+            dy = track["y"][i].diff()
+            big = dy[dy.abs() > min_reversal_px / max(1, len(dy) // 4)]
+            out.append(bool(len(big) > 1 and (big[:-1] * big[1:] < 0).any()))
+        else:
+            out.append(None)
+    return out
+
+
+def smoothness(clips: torch.Tensor) -> float:
+    """Mean absolute frame-to-frame pixel change (0..1)."""
+    return float((clips[:, 1:] - clips[:, :-1]).abs().mean())
+
+
+def displacement_per_frame(clips: torch.Tensor) -> float:
+    """Mean |centroid step| in pixels per frame."""
+    track = tracks(clips)
+    return float(torch.sqrt(track["x"].diff(dim=1) ** 2 + track["y"].diff(dim=1) ** 2).mean())
+
+
+# ------------------------------------------------------------------------------------------- running
+@torch.no_grad()
+def generate_clips(prior: Prior, prompts: list[str], cfg: EvalVideoConfig, fps: float, seed: int,
+                   progress: bool) -> torch.Tensor:
+    """`samples_per_prompt` clips per prompt, (n, F, 3, H, W) in [0, 1], as `run.py video` makes them."""
+    from einops import rearrange
+
+    from pipelines.sampling import initial_noise, sample
+
+    n_per, f = cfg.samples_per_prompt, prior.vae_scale_factor
+    h, w = cfg.image_size(prior.default_size, f)
+    g = torch.Generator("cpu").manual_seed(seed)
+    noise = initial_noise((len(prompts) * n_per, prior.latent_channels, cfg.frames, h // f, w // f), g, prior.device)
+    clips = []
+    for i in tqdm(range(len(prompts)), desc=f"generating {len(prompts) * n_per} clips", disable=not progress):
+        text = prior.encode_prompt([prompts[i]], cfg.negative).repeat(n_per)
+        z = sample(prior, text, noise[i * n_per:(i + 1) * n_per], cfg.sampler, cfg.steps, cfg.guidance, g, False, fps=fps)
+        frames = prior.decode_latents(rearrange(z, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
+        clips.append(rearrange(frames.cpu(), "(b f) c h w -> b f c h w", f=cfg.frames))
+    return torch.cat(clips)
+
+
+def judge_frames(judge, clips: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The judge on every frame: colour and shape indices, (n, F)."""
+    n, f = clips.shape[:2]
+    predicted = judge.predict(clips.reshape(n * f, *clips.shape[2:]))
+    return {k: predicted[k].reshape(n, f) for k in ("color", "shape")}
+
+
+def ground_truth(cfg: EvalVideoConfig, size: int) -> dict:
+    """The motion metrics on ToyWorld's own clips: what a perfect model would score."""
+    from .video import sample_clip_batch
+
+    videos, _, labels = sample_clip_batch(96, torch.Generator().manual_seed(cfg.seed + 7), frames=cfg.frames,
+                                          size=size, fps=cfg.fps)
+    clips = videos.permute(0, 2, 1, 3, 4)  # (n, F, 3, H, W)
+    names = [MOTIONS[int(m)] for m in labels["motion"]]
+    return {"motion_accuracy": _rate(motion_correct(clips, names)), "smoothness": smoothness(clips),
+            "per_motion": {m: _rate([ok for ok, name in zip(motion_correct(clips, names), names) if name == m])
+                           for m in MOTIONS}}
+
+
+def _rate(flags: list) -> float | None:
+    scored = [x for x in flags if x is not None]
+    return round(sum(scored) / len(scored), 4) if scored else None
+
+
+def build_report(cfg: EvalVideoConfig, grid, clips: torch.Tensor, judged: dict, truth: dict, fps_effect: dict) -> dict:
+    n_per = cfg.samples_per_prompt
+    colour = torch.tensor([c for c, _, _ in grid]).repeat_interleave(n_per)[:, None]
+    shape = torch.tensor([s for _, s, _ in grid]).repeat_interleave(n_per)[:, None]
+    motions = [MOTIONS[m] for _, _, m in grid for _ in range(n_per)]
+    moved = motion_correct(clips, motions)
+    majority = lambda x: x.mode(dim=1).values[:, None]
+    stable = (judged["color"] == majority(judged["color"])) & (judged["shape"] == majority(judged["shape"]))
+    return {
+        "model": cfg.model, "motion": cfg.motion, "clips": len(clips), "frames": cfg.frames, "fps": cfg.fps,
+        "prompts": len(grid), "samples_per_prompt": n_per, "steps": cfg.steps, "guidance": cfg.guidance,
+        "frame_color_accuracy": round(float((judged["color"] == colour).float().mean()), 4),
+        "frame_shape_accuracy": round(float((judged["shape"] == shape).float().mean()), 4),
+        "identity_stability": round(float(stable.float().mean()), 4),
+        "motion_accuracy": _rate(moved),
+        "per_motion": {m: _rate([ok for ok, name in zip(moved, motions) if name == m]) for m in dict.fromkeys(motions)},
+        "smoothness": round(smoothness(clips), 4),
+        "ground_truth": truth, "fps_effect": fps_effect,
+    }
+
+
+def markdown(r: dict) -> str:
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+    lines = [f"# Video eval: {r['model']} (motion: {r['motion']})", "",
+             f"{r['clips']} clips ({r['prompts']} prompts x {r['samples_per_prompt']}), {r['frames']} frames at "
+             f"fps {r['fps']}, {r['steps']} steps, guidance {r['guidance']}.", "",
+             "| metric | generated | ToyWorld ground truth |", "|---|---|---|",
+             f"| per-frame colour accuracy | {pct(r['frame_color_accuracy'])} | |",
+             f"| per-frame shape accuracy | {pct(r['frame_shape_accuracy'])} | |",
+             f"| identity stability | {pct(r['identity_stability'])} | |",
+             f"| motion correctness | {pct(r['motion_accuracy'])} | {pct(r['ground_truth']['motion_accuracy'])} |",
+             f"| mean frame-to-frame change | {r['smoothness']:.4f} | {r['ground_truth']['smoothness']:.4f} |", "",
+             "| motion | generated | ground truth |", "|---|---|---|"]
+    lines += [f"| {m} | {pct(v)} | {pct(r['ground_truth']['per_motion'].get(m))} |" for m, v in r["per_motion"].items()]
+    fe = r["fps_effect"]
+    lines += ["", f"fps effect ('{fe['prompt']}'): {fe['fps4_px_per_frame']:.2f} px/frame at fps 4, "
+              f"{fe['fps12_px_per_frame']:.2f} px/frame at fps 12 (ratio {fe['ratio']:.2f}; ground truth 3.0)."]
+    return "\n".join(lines) + "\n"
+
+
+def strip(clips: torch.Tensor, rows: int = 12) -> Image.Image:
+    """The first clip of up to `rows` prompts, frames left to right."""
+    pick = clips[:: max(1, len(clips) // rows)][:rows]
+    n, f, _, h, w = pick.shape
+    grid = (pick.permute(0, 3, 1, 4, 2).reshape(n * h, f * w, 3).clamp(0, 1) * 255).round().byte().numpy()
+    return Image.fromarray(grid)
+
+
+def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
+    device = pick_device(cfg.device)
+    timer = Timer()
+    with timer("load"):
+        prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
+                                      cfg.beta_schedule, cfg.revision)
+        cfg.motion = cfg.motion or default_motion(cfg.model)
+        prior.unet = load_motion(prior, cfg.motion)
+        judge = load_judge(cfg.judge, device)
+    cfg.image_size(prior.default_size, prior.vae_scale_factor)
+    run_dir = make_run_dir(out, "eval", "video")
+    write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    grid = cfg.grid()
+    prompts = [f"a {COLOR_NAMES[c]} {SHAPES[s]} {MOTIONS[m]}" for c, s, m in grid]
+    with timer("generate"):
+        clips = generate_clips(prior, prompts, cfg, cfg.fps, cfg.seed, progress)
+    with timer("fps_effect"):
+        fast = [displacement_per_frame(generate_clips(prior, ["a red ball moving right"], cfg, rate, cfg.seed, False))
+                for rate in (4.0, 12.0)]
+    fps_effect = {"prompt": "a red ball moving right", "fps4_px_per_frame": fast[0], "fps12_px_per_frame": fast[1],
+                  "ratio": fast[0] / max(fast[1], 1e-6)}
+    with timer("judge"):
+        report = build_report(cfg, grid, clips, judge_frames(judge, clips), ground_truth(cfg, prior.default_size),
+                              fps_effect)
+    write_json(run_dir / "report.json", report)
+    write_text(run_dir / "report.md", markdown(report))
+    save_image(run_dir / "strip.png", strip(clips))
+    write_json(run_dir / "metadata.json", {"job": "eval video", "model": prior.model_id, "motion": cfg.motion,
+                                           "device": str(device), "timings_s": timer.stages, "versions": versions(),
+                                           "command": command_line()})
+    logger.info("frame colour %.1f%%, shape %.1f%%, motion %s; report in %s", 100 * report["frame_color_accuracy"],
+                100 * report["frame_shape_accuracy"], report["motion_accuracy"], run_dir)
+    return run_dir

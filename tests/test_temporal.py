@@ -67,3 +67,33 @@ def test_pseudo_conv_is_dirac():
     conv = TemporalConv(6)
     x = torch.randn(2 * 4, 6, 3, 3)
     torch.testing.assert_close(conv(x, frames=4), x)
+
+
+def test_long_clips_use_fused_windows():
+    """Past the trained window, attention runs in half-overlapping windows fused by weight."""
+    from video.temporal import TemporalAttention, TemporalConfig
+
+    layer = TemporalAttention(8, TemporalConfig(text_dim=32, window=4))
+    with torch.no_grad():
+        layer.out.weight.normal_()
+        tokens = torch.randn(9, 11, 8)  # (pixels, frames, channels)
+        fused = layer._windowed(tokens)
+        # a clip of exactly one window is plain attention; frame 0 lies only in the first window
+        torch.testing.assert_close(layer._windowed(tokens[:, :4]), layer._attend(tokens[:, :4]))
+        torch.testing.assert_close(fused[:, 0], layer._attend(tokens[:, :4])[:, 0])
+        # frame 3 lies in windows [0, 4) and [2, 6): a weighted blend of both
+        a, b = layer._attend(tokens[:, 0:4])[:, 3], layer._attend(tokens[:, 2:6])[:, 1]
+        torch.testing.assert_close(fused[:, 3], (a * 1 + b * 2) / 3)
+        y = layer(torch.randn(11 * 2, 8, 3, 3), frames=11)
+        assert y.shape == (22, 8, 3, 3) and torch.isfinite(y).all()
+
+
+def test_noise_rescheduling_reuses_first_window():
+    from video.pipeline import reschedule_noise
+
+    z = torch.randn(1, 4, 10, 2, 2)
+    out = reschedule_noise(z, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out[:, :, :4], z[:, :, :4])
+    firsts = {tuple(z[0, :, i].flatten().tolist()) for i in range(4)}
+    assert all(tuple(out[0, :, i].flatten().tolist()) in firsts for i in range(4, 10))
+    assert reschedule_noise(z, 16, torch.Generator()) is z

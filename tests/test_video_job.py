@@ -26,11 +26,16 @@ def test_video_with_saved_motion_module(tiny_sd, tmp_path):
     inflate(Prior.from_pretrained(str(tiny_sd)).unet).temporal.save(tmp_path / "motion")
     assert run.main(["video", "a cube", f"model={tiny_sd}", f"motion={tmp_path / 'motion'}", "steps=1", "frames=3",
                      "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    # longer than the 16-frame window: windowed attention and rescheduled noise
+    assert run.main(["video", "a cube", f"model={tiny_sd}", f"motion={tmp_path / 'motion'}", "steps=1", "frames=40",
+                     "--out", str(tmp_path / "long"), "--quiet"]) == 0
+    [d] = list((tmp_path / "long" / "video").iterdir())
+    assert probe(d / "video.mp4")["frames"] == 40
 
 
 @pytest.mark.parametrize("override, message", [
     ("frames=0", "frames must be between 1 and"),
-    ("frames=65", "frames must be between 1 and 64"),
+    ("frames=257", "frames must be between 1 and 256"),
     ("fps=0", "fps must be a positive number"),
     ("fps=-3", "fps must be a positive number"),
     ("height=31", "not a multiple of the VAE factor"),

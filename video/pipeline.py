@@ -27,7 +27,7 @@ from .export import write_frames, write_gif, write_mp4
 from .temporal import CONFIG_NAME, WEIGHTS_NAME, inflate
 
 logger = logging.getLogger(__name__)
-MAX_FRAMES = 64  # the temporal position table's length (TemporalConfig.max_frames)
+MAX_FRAMES = 256  # longer than the trained window: temporal attention runs in overlapping windows
 
 
 @dataclass
@@ -118,9 +118,28 @@ def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Gener
         text = prior.encode_prompt([prompt], cfg.negative)
     with timer("denoise"):
         latents = initial_noise((1, prior.latent_channels, cfg.frames, height // f, width // f), generator, prior.device)
+        latents = reschedule_noise(latents, _window(prior.unet), generator)
         latents = sample(prior, text, latents, cfg.sampler, cfg.steps, cfg.guidance, generator, progress, fps=cfg.fps)
     with timer("decode"):  # frames decode `decode_chunk` at a time, so memory does not grow with the length
         return prior.decode_latents(rearrange(latents, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
+
+
+def _window(unet) -> int:
+    temporal = getattr(unet, "temporal", None)
+    return temporal.cfg.window if temporal is not None else 10**9  # AnimateDiff: its own full attention
+
+
+def reschedule_noise(latents: torch.Tensor, window: int, generator: torch.Generator) -> torch.Tensor:
+    """FreeNoise's noise rescheduling (Qiu et al. 2023, sec. 3.2): frames past the first window reuse the
+    first window's noise frames, shuffled per window, so far-apart windows start from correlated noise."""
+    frames = latents.shape[2]
+    if frames <= window:
+        return latents
+    out = latents.clone()
+    for start in range(window, frames, window):
+        order = torch.randperm(window, generator=generator)[: min(window, frames - start)]
+        out[:, :, start:start + len(order)] = latents[:, :, order.to(latents.device)]
+    return out
 
 
 def main(cfg: VideoConfig, prompts: list[str], out: str | Path, progress: bool = True) -> list[Path]:

@@ -40,7 +40,8 @@ class TemporalConfig:
     cond_dim: int = 128  # width of the fps + pooled-text conditioning vector
     kernel_size: int = 3  # frames the pseudo-3D convolution sees
     heads: int = 4  # temporal attention heads (reduced for narrow blocks)
-    max_frames: int = 64  # length of the learned-free sinusoidal position table
+    max_frames: int = 64  # length of the fixed sinusoidal position table
+    window: int = 16  # frames attended together; longer clips use overlapping windows (FreeNoise)
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -83,18 +84,38 @@ class TemporalAttention(nn.Module):
         self.out = nn.Linear(channels, channels)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
+        self.window = cfg.window
         self.register_buffer("positions", sinusoidal(torch.arange(cfg.max_frames), channels), persistent=False)
 
     def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0] // frames
         h, w = x.shape[-2:]
         tokens = rearrange(self.norm(x), "(b f) c h w -> (b h w) f c", f=frames)
-        tokens = tokens + self.positions[:frames].to(tokens.dtype)
         if cond is not None:  # (b, cond_dim) -> one vector per clip, shared by its pixels and frames
             tokens = tokens + self.cond(cond).repeat_interleave(h * w, dim=0)[:, None, :].to(tokens.dtype)
-        attended, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        attended = self._windowed(tokens) if frames > self.window else self._attend(tokens)
         delta = rearrange(self.out(attended), "(b h w) f c -> (b f) c h w", b=b, h=h, w=w)
         return x + delta
+
+    def _attend(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens + self.positions[: tokens.shape[1]].to(tokens.dtype)
+        return self.attn(tokens, tokens, tokens, need_weights=False)[0]
+
+    def _windowed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Attention in windows of the trained length, half-overlapping, each with its own positions
+        0..window-1; overlaps are fused with weights that fall to the window's ends (FreeNoise,
+        Qiu et al. 2023, sec. 3.3), so no frame sees an unseen distance and no seam is hard."""
+        f, win = tokens.shape[1], self.window
+        starts = list(range(0, f - win + 1, win // 2))
+        if starts[-1] != f - win:
+            starts.append(f - win)
+        ramp = torch.minimum(torch.arange(1, win + 1), torch.arange(win, 0, -1)).float().to(tokens)  # 1..peak..1
+        out = torch.zeros_like(tokens)
+        weight = torch.zeros(f, device=tokens.device, dtype=tokens.dtype)
+        for s in starts:
+            out[:, s:s + win] += self._attend(tokens[:, s:s + win]) * ramp[:, None]
+            weight[s:s + win] += ramp
+        return out / weight[:, None]
 
 
 class TemporalLayers(nn.Module):

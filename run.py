@@ -54,6 +54,8 @@ JOBS: dict[str, dict[str | None, Job]] = {
                      "the ToyWorld judge: a small CNN naming colour, shape and view"),
         "temporal": Job(TrainTemporalConfig, "train_temporal", "video.train",
                         "the video UNet's temporal layers on clips, the prior frozen (Make-A-Video)"),
+        "interpolation": Job(TrainTemporalConfig, "train_interpolation", "video.train",
+                             "the masked-frame model for interpolate= and image= (known frames + mask)"),
     },
     "eval": {
         "image": Job(EvalImageConfig, "eval_image", "toyworld.evaluate",

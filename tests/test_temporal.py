@@ -97,3 +97,21 @@ def test_noise_rescheduling_reuses_first_window():
     firsts = {tuple(z[0, :, i].flatten().tolist()) for i in range(4)}
     assert all(tuple(out[0, :, i].flatten().tolist()) in firsts for i in range(4, 10))
     assert reschedule_noise(z, 16, torch.Generator()) is z
+
+
+def test_known_frame_channels_start_unused_and_then_condition(tiny_sd):
+    prior = Prior.from_pretrained(str(tiny_sd))
+    video_unet = inflate(prior.unet)
+    text = prior.encode_prompt(["a red cube"]).cond
+    x, known = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 4, 3, 8, 8)
+    mask = torch.zeros(1, 1, 3, 8, 8)
+    mask[:, :, 0] = 1
+    with torch.no_grad():
+        plain = video_unet(x, 50, text).sample
+        torch.testing.assert_close(video_unet(x, 50, text, known=known, mask=mask).sample, plain)
+        video_unet.temporal.known_in.weight.normal_()
+        conditioned = video_unet(x, 50, text, known=known, mask=mask).sample
+        # CFG doubles x and text; the known frames follow
+        doubled = video_unet(torch.cat([x, x]), 50, torch.cat([text, text]), known=known, mask=mask).sample
+    assert (conditioned - plain).abs().max() > 1e-3
+    torch.testing.assert_close(doubled[:1], conditioned, atol=1e-5, rtol=1e-5)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
@@ -24,7 +25,7 @@ from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, pi
 from pipelines.sampling import initial_noise, sample
 
 from .export import write_frames, write_gif, write_mp4
-from .temporal import CONFIG_NAME, WEIGHTS_NAME, inflate
+from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, inflate
 
 logger = logging.getLogger(__name__)
 MAX_FRAMES = 256  # longer than the trained window: temporal attention runs in overlapping windows
@@ -34,7 +35,10 @@ MAX_FRAMES = 256  # longer than the trained window: temporal attention runs in o
 class VideoConfig(SamplingOptions):
     frames: int = option(16, f"number of frames (1..{MAX_FRAMES})")
     fps: float = option(8.0, "frames per second of the clip (also conditions the motion speed)")
-    motion: Optional[str] = option(None, "folder of trained temporal layers (default: the model preset's `motion:`)")
+    motion: Optional[str] = option(None, "trained temporal layers, or an AnimateDiff MotionAdapter (default: the preset's `motion:`)")
+    interpolate: int = option(1, "frame interpolation factor k: F frames become (F - 1) * k + 1 (needs a masked-frame model)")
+    image: Optional[str] = option(None, "animate this image: it becomes the first frame (needs a masked-frame model)")
+    masked_motion: Optional[str] = option(None, "masked-frame model from `train interpolation` (default: the preset's `interpolation:`)")
     save_frames: bool = option(False, "also write every frame as a PNG under frames/")
 
     def validate(self) -> None:
@@ -43,21 +47,28 @@ class VideoConfig(SamplingOptions):
             raise UserError(f"frames must be between 1 and {MAX_FRAMES}, got {self.frames}")
         if not self.fps > 0 or self.fps == float("inf"):
             raise UserError(f"fps must be a positive number, got {self.fps}")
+        if self.interpolate < 1:
+            raise UserError(f"interpolate must be at least 1 (1 = no interpolation), got {self.interpolate}")
+        if (self.frames - 1) * self.interpolate + 1 > 4 * MAX_FRAMES:
+            raise UserError(f"frames={self.frames} with interpolate={self.interpolate} makes more than {4 * MAX_FRAMES} frames")
+        if self.image is not None and not Path(self.image).is_file():
+            raise UserError(f"image={self.image} does not exist")
 
 
-def load_motion(prior: Prior, motion: str | None) -> nn.Module:
-    """Inflate the prior's UNet with temporal layers: ours (`train temporal`), an AnimateDiff
+def load_motion(prior: Prior, motion: str | None, unet: nn.Module | None = None) -> nn.Module:
+    """Inflate the prior's 2D UNet (or `unet`) with temporal layers: ours (`train temporal`), an AnimateDiff
     `MotionAdapter` (folder or hub id), or fresh identity layers when `motion` is None."""
+    unet = prior.unet if unet is None else unet
     if motion is None:
         logger.warning("no trained temporal layers for %s: the frames are independent images "
                        "(pass motion=FOLDER made by `python run.py train temporal`)", prior.model_id)
-        return inflate(prior.unet)
+        return inflate(unet)
     folder = _motion_folder(motion)
     try:
         if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
-            return inflate(prior.unet, weights=folder)
+            return inflate(unet, weights=folder)
         if _is_motion_adapter(folder):
-            return AnimateDiffUNet.from_adapter(prior.unet, folder)
+            return AnimateDiffUNet.from_adapter(unet, folder)
     except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"motion={motion} does not fit model {prior.model_id}: {str(e).splitlines()[0][:160]}") from None
     raise UserError(f"motion={motion} is not a motion module: expected {WEIGHTS_NAME} + {CONFIG_NAME} "
@@ -108,20 +119,49 @@ class AnimateDiffUNet(nn.Module):
 
 
 @torch.no_grad()
-def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Generator,
-             timer: Timer | None = None, progress: bool = True) -> torch.Tensor:
-    """One clip for `prompt`: (F, 3, H, W) in [0, 1]. `prior.unet` must be a VideoUNet."""
+def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Generator, timer: Timer | None = None,
+             progress: bool = True, masked_unet: nn.Module | None = None,
+             first_frame: torch.Tensor | None = None) -> torch.Tensor:
+    """One clip for `prompt`: (F', 3, H, W) in [0, 1], F' = (frames - 1) * interpolate + 1.
+
+    1. the clip: `prior.unet` (a video UNet), or with `first_frame` (1, 3, H, W) the masked-frame model
+       with frame 0 known (image-to-video); 2. with interpolate=k, the masked-frame model fills k - 1
+       frames between each pair, the clip's frames known (Make-A-Video's frame interpolation)."""
     timer = timer or Timer()
     height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
     f = prior.vae_scale_factor
     with timer("encode_prompt"):
         text = prior.encode_prompt([prompt], cfg.negative)
     with timer("denoise"):
-        latents = initial_noise((1, prior.latent_channels, cfg.frames, height // f, width // f), generator, prior.device)
-        latents = reschedule_noise(latents, _window(prior.unet), generator)
-        latents = sample(prior, text, latents, cfg.sampler, cfg.steps, cfg.guidance, generator, progress, fps=cfg.fps)
+        shape = (1, prior.latent_channels, cfg.frames, height // f, width // f)
+        known = None
+        if first_frame is not None:
+            known = torch.zeros(shape, device=prior.device)
+            known[:, :, 0] = prior.encode_images(first_frame.to(prior.device), sample=False)
+        latents = denoise(prior, masked_unet if known is not None else prior.unet, text, shape, cfg, generator,
+                          progress, known)
+        if cfg.interpolate > 1:
+            k = cfg.interpolate
+            known = torch.zeros(*shape[:2], (cfg.frames - 1) * k + 1, *shape[3:], device=prior.device)
+            known[:, :, ::k] = latents
+            latents = denoise(prior, masked_unet, text, known.shape, cfg, generator, progress, known)
+            latents[:, :, ::k] = known[:, :, ::k]  # the clip's own frames stay exactly as they were
     with timer("decode"):  # frames decode `decode_chunk` at a time, so memory does not grow with the length
         return prior.decode_latents(rearrange(latents, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
+
+
+def denoise(prior: Prior, unet: nn.Module, text, shape: tuple, cfg: VideoConfig, generator: torch.Generator,
+            progress: bool, known: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample video latents of `shape` with `unet`; frames where `known` is non-zero are given (mask 1)."""
+    latents = reschedule_noise(initial_noise(shape, generator, prior.device), _window(unet), generator)
+    kwargs = {"fps": cfg.fps}
+    if known is not None:
+        kwargs.update(known=known, mask=(known.abs().sum(1, keepdim=True) > 0).float())
+    spatial, prior.unet = prior.unet, unet
+    try:
+        return sample(prior, text, latents, cfg.sampler, cfg.steps, cfg.guidance, generator, progress, **kwargs)
+    finally:
+        prior.unet = spatial
 
 
 def _window(unet) -> int:
@@ -149,29 +189,60 @@ def main(cfg: VideoConfig, prompts: list[str], out: str | Path, progress: bool =
         prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
                                       cfg.beta_schedule, cfg.revision)
         motion = cfg.motion or default_motion(cfg.model)
+        spatial = prior.unet
         prior.unet = load_motion(prior, motion)
-    cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
+        masked = load_masked(spatial, prior, cfg) if cfg.interpolate > 1 or cfg.image else None
+    height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail before writing anything
+    first = load_image(cfg.image, height, width) if cfg.image else None
     with timer("hash"):
         model_hash = prior.content_hash()
-    return [run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages, progress, motion)
+    return [run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages, progress, motion, masked, first)
             for i, prompt in enumerate(prompts)]
 
 
-def default_motion(model: str) -> str | None:
-    """A model preset may name its shipped temporal layers (`motion:` in configs/models/<name>.yaml)."""
+def load_masked(spatial: nn.Module, prior: Prior, cfg: VideoConfig) -> nn.Module:
+    """The masked-frame model that interpolate= and image= need (its own temporal layers on the same UNet)."""
+    folder = cfg.masked_motion or default_motion(cfg.model, "interpolation")
+    if folder is None:
+        raise UserError("interpolate= and image= need a masked-frame model: train one with "
+                        "`python run.py train interpolation init=MOTION_FOLDER` and pass masked_motion=FOLDER")
+    masked = load_motion(prior, folder, unet=spatial)
+    if not isinstance(masked, VideoUNet):
+        raise UserError(f"masked_motion={folder} must come from `python run.py train interpolation`")
+    return masked
+
+
+def load_image(path: str, height: int, width: int) -> torch.Tensor:
+    """The first frame for image=: (1, 3, H, W) in [0, 1], resized (with a note) to the clip's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"image={path} cannot be read as an image ({str(e).splitlines()[0][:80]})") from None
+    if image.size != (width, height):
+        logger.warning("image=%s is %dx%d; resized to the clip's %dx%d", path, *image.size, width, height)
+        image = image.resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+def default_motion(model: str, key: str = "motion") -> str | None:
+    """A model preset may name its shipped temporal layers (`motion:` / `interpolation:` in configs/models/)."""
     from pipelines.loading import REPO_ROOT, model_presets
 
-    motion = model_presets().get(model, {}).get("motion")
+    motion = model_presets().get(model, {}).get(key)
     return str(REPO_ROOT / motion) if motion else None
 
 
 def run(prior: Prior, prompt: str, cfg: VideoConfig, seed: int, out: str | Path, model_hash: str,
-        setup_s: dict, progress: bool = True, motion: str | None = None) -> Path:
+        setup_s: dict, progress: bool = True, motion: str | None = None, masked: nn.Module | None = None,
+        first_frame: torch.Tensor | None = None) -> Path:
     run_dir = make_run_dir(out, "video", prompt)
     write_yaml(run_dir / "config.yaml", {"prompt": prompt, **to_dict(cfg), "seed": seed, "command": command_line()})
     timer = Timer()
     timer.stages.update(setup_s)
-    frames = generate(prior, prompt, cfg, torch.Generator("cpu").manual_seed(seed), timer, progress)
+    frames = generate(prior, prompt, cfg, torch.Generator("cpu").manual_seed(seed), timer, progress, masked, first_frame)
     with timer("save"):
         outputs = [write_mp4(run_dir / "video.mp4", frames, cfg.fps).name,
                    write_gif(run_dir / "preview.gif", frames, cfg.fps).name]
@@ -180,9 +251,10 @@ def run(prior: Prior, prompt: str, cfg: VideoConfig, seed: int, out: str | Path,
     write_json(run_dir / "metadata.json", {
         "job": "video", "prompt": prompt, "negative": cfg.negative, "seed": seed, "model": prior.model_id,
         "model_hash": model_hash, "motion": motion, "device": str(prior.device),
-        "dtype": str(prior.dtype).removeprefix("torch."), "frames": cfg.frames, "fps": cfg.fps,
+        "dtype": str(prior.dtype).removeprefix("torch."), "frames": len(frames), "fps": cfg.fps,
+        "interpolate": cfg.interpolate, "image": cfg.image, "masked_motion": cfg.masked_motion,
         "height": frames.shape[-2], "width": frames.shape[-1], "outputs": outputs, "timings_s": timer.stages,
         "versions": versions(), "command": command_line(),
     })
-    logger.info("wrote %d frames to %s", cfg.frames, run_dir / "video.mp4")
+    logger.info("wrote %d frames to %s", len(frames), run_dir / "video.mp4")
     return run_dir

@@ -135,6 +135,13 @@ class TemporalLayers(nn.Module):
         self.layers = nn.ModuleDict({k.replace(".", "__"): v for k, v in layers.items()})
         self.fps_embed = nn.Sequential(nn.Linear(64, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
         self.text_embed = nn.Linear(cfg.text_dim, cfg.cond_dim)
+        # Masked-frame conditioning (Make-A-Video's interpolation and image-to-video): the known frames'
+        # latents and a mask enter through extra input channels, zero-initialised so they start unused.
+        conv_in = unet.conv_in
+        self.known_in = nn.Conv2d(conv_in.in_channels + 1, conv_in.out_channels, conv_in.kernel_size,
+                                  padding=conv_in.padding)
+        nn.init.zeros_(self.known_in.weight)
+        nn.init.zeros_(self.known_in.bias)
 
     def spatial_names(self) -> list[str]:
         return [k.replace("__", ".") for k in self.layers]
@@ -167,8 +174,11 @@ class VideoUNet(nn.Module):
         self.unet, self.temporal = unet, temporal
         self._frames: int | None = None
         self._cond: torch.Tensor | None = None
+        self._known: torch.Tensor | None = None  # ((b f), C + 1, h, w): known latents * mask, and the mask
         for name in temporal.spatial_names():
             unet.get_submodule(name).register_forward_hook(self._hook(temporal.layers[name.replace(".", "__")]))
+        unet.conv_in.register_forward_hook(
+            lambda module, args, out: out if self._known is None else out + self.temporal.known_in(self._known))
 
     @property
     def config(self):  # the prior reads sample_size / in_channels from here, as from any UNet
@@ -188,7 +198,10 @@ class VideoUNet(nn.Module):
         return after_spatial_block
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
-                fps: torch.Tensor | float = 8.0, **unet_kwargs) -> VideoUNetOutput:
+                fps: torch.Tensor | float = 8.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                **unet_kwargs) -> VideoUNetOutput:
+        """`known` (b, c, f, h, w) clean latents of the frames given in advance and `mask` (b, 1, f, h, w),
+        1 where a frame is known: the masked-frame conditioning (None: plain text-to-video)."""
         if sample.ndim == 4:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)
         b, _, f = sample.shape[:3]
@@ -198,11 +211,15 @@ class VideoUNet(nn.Module):
         fps = torch.as_tensor(fps, device=sample.device, dtype=torch.float32).expand(b)
         cond = self.temporal.condition(encoder_hidden_states, fps).to(sample.dtype)
         self._frames, self._cond = f, cond
+        if known is not None:  # classifier-free guidance doubles the batch; the known frames are the same
+            known, mask = (y.repeat(b // y.shape[0], 1, 1, 1, 1) for y in (known, mask))
+            mask = mask.expand(-1, -1, -1, *known.shape[-2:])  # a per-frame (b, 1, f, 1, 1) mask is fine too
+            self._known = rearrange(torch.cat([known * mask, mask], 1), "b c f h w -> (b f) c h w").to(sample.dtype)
         try:
             out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states.repeat_interleave(f, 0),
                             **unet_kwargs).sample
         finally:
-            self._frames = self._cond = None
+            self._frames = self._cond = self._known = None
         return VideoUNetOutput(rearrange(out, "(b f) c h w -> b c f h w", f=f))
 
     def freeze_spatial(self) -> "VideoUNet":

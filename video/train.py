@@ -1,5 +1,6 @@
-"""`python run.py train temporal`: train only the temporal layers on video, the spatial prior frozen
-(Make-A-Video, sec. 3.2).
+"""`python run.py train temporal` / `train interpolation`: train only the temporal layers on video,
+the spatial prior frozen (Make-A-Video, sec. 3.2); for interpolation and image-to-video, also the
+known-frame input channels, with frames given in advance under a mask (Make-A-Video, sec. 3.3).
 
 Data: ToyWorld clips (captioned "a blue ball bouncing", rendered at several frame rates so the fps
 conditioning means something), encoded once to latents; or a folder of video files (mp4/webm,
@@ -31,6 +32,7 @@ from .temporal import TemporalConfig, inflate
 
 logger = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi")
+MASK_MODES = ("none", "first", "interpolation", "mixed")
 
 
 @dataclass
@@ -48,6 +50,9 @@ class TrainTemporalConfig:
     caption_dropout: float = option(0.1, "fraction of captions replaced by '' (classifier-free guidance)")
     ema_decay: float = option(0.999, "EMA decay of the temporal weights (0 disables EMA)")
     cond_dim: int = option(128, "width of the fps + pooled-text conditioning")
+    mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
+                                    "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
+    init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
     grad_accum: int = option(1, "gradient accumulation steps")
     checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
@@ -63,6 +68,8 @@ class TrainTemporalConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.fps_choices or min(self.fps_choices) <= 0:
             raise UserError("fps_choices must list positive frame rates")
+        if self.mask_mode not in MASK_MODES:
+            raise UserError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got '{self.mask_mode}'")
         if self.data != "toyworld" and not Path(self.data).is_dir():
             raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
 
@@ -127,6 +134,20 @@ def encode_clips(prior: Prior, clips: torch.Tensor, chunk: int = 64) -> torch.Te
     return rearrange(latents, "(n f) c h w -> n c f h w", n=n, f=f)
 
 
+def known_frames_mask(mode: str, n: int, frames: int, g: torch.Generator) -> torch.Tensor | None:
+    """(n, 1, F, 1, 1) masks of the frames given in advance: frame 0 (image-to-video) or every k-th
+    frame (interpolation, k in 2..4); `mixed` draws one of the two per clip."""
+    if mode == "none":
+        return None
+    first = torch.zeros(n, frames)
+    first[:, 0] = 1
+    k = torch.randint(2, 5, (n, 1), generator=g)
+    every_k = (torch.arange(frames)[None, :] % k == 0).float()
+    pick = {"first": torch.ones(n, 1), "interpolation": torch.zeros(n, 1),
+            "mixed": (torch.rand(n, 1, generator=g) < 0.5).float()}[mode]
+    return (pick * first + (1 - pick) * every_k)[:, None, :, None, None]
+
+
 # ------------------------------------------------------------------------------------------ training
 class TemporalObjective(torch.nn.Module):
     """DDPM epsilon loss of the video UNet; only its temporal layers have trainable weights."""
@@ -136,12 +157,13 @@ class TemporalObjective(torch.nn.Module):
         self.video_unet, self.text_encoder = video_unet, text_encoder
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
 
-    def forward(self, ids, z0, noise, t, fps) -> torch.Tensor:
+    def forward(self, ids, z0, noise, t, fps, mask=None) -> torch.Tensor:
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
         x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
         with torch.no_grad():
             emb = self.text_encoder(ids)[0]
-        pred = self.video_unet(x_t, t, emb, fps=fps).sample
+        known = None if mask is None else z0  # the known frames are given clean, as at inference
+        pred = self.video_unet(x_t, t, emb, fps=fps, known=known, mask=mask).sample
         return F.mse_loss(pred.float(), noise.float())
 
 
@@ -152,7 +174,8 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    run_dir, cfg = open_run(TrainTemporalConfig, "train_temporal", cfg, out, "temporal")
+    name = "temporal" if cfg.mask_mode == "none" else "interpolation"
+    run_dir, cfg = open_run(TrainTemporalConfig, f"train_{name}", cfg, out, name)
     started = time.monotonic()
     accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device),
                         gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
@@ -172,25 +195,27 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
     # 2. the video UNet: identity-initialised temporal layers (or the checkpoint's), spatial frozen
     torch.manual_seed(cfg.seed)
     video_unet = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim,
-                                                    cond_dim=cfg.cond_dim, max_frames=max(64, cfg.frames)))
+                                                    cond_dim=cfg.cond_dim, window=cfg.frames), weights=cfg.init)
     video_unet.freeze_spatial()
     params = [p for p in video_unet.temporal.parameters()]
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay > 0 else None
 
     def batch(step):
-        g = step_generator(cfg.seed, "temporal", step, rank)
+        g = step_generator(cfg.seed, name, step, rank)
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
         dropped = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=g)
         t = torch.randint(prior.num_train_timesteps, (cfg.batch_size,), generator=g)
+        mask = known_frames_mask(cfg.mask_mode, cfg.batch_size, cfg.frames, g)
         return {"ids": torch.where(dropped[:, None], empty, ids[idx]).to(device), "z0": latents[idx.to(device)],
-                "noise": noise.to(device), "t": t.to(device), "fps": fps[idx].to(device)}
+                "noise": noise.to(device), "t": t.to(device), "fps": fps[idx].to(device),
+                "mask": None if mask is None else mask.to(device)}
 
     log_file = run_dir / "losses.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else []
-    stage = Stage("temporal", cfg.steps, cfg.lr, started + (cfg.max_minutes * 60 if cfg.max_minutes else float("inf")))
+    stage = Stage(name, cfg.steps, cfg.lr, started + (cfg.max_minutes * 60 if cfg.max_minutes else float("inf")))
     done = run_stage(accel, stage, TemporalObjective(video_unet, prior.text_encoder, prior.alphas_cumprod), params,
-                     batch, cfg, run_dir, checkpoint_step(run_dir, "temporal"), ema=ema, progress=progress, log=log)
+                     batch, cfg, run_dir, checkpoint_step(run_dir, name), ema=ema, progress=progress, log=log)
 
     # 3. save the EMA temporal layers on their own (safetensors + config), next to nothing else
     if accel.is_main_process:

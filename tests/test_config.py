@@ -37,6 +37,7 @@ def test_presets_then_overrides():
     cfg = load(ImageConfig, "image", ["steps=3", "guidance=2", "seed=9", "model=sd15"])
     assert (cfg.steps, cfg.guidance, cfg.seed, cfg.model) == (3, 2.0, 9, "sd15")
     assert isinstance(cfg.guidance, float)
+    assert load(ImageConfig, "image", ["guidance=5e-1"]).guidance == 0.5  # YAML 1.1 reads 5e-1 as a string
     assert load(ImageConfig, "image", []).sampler == "ddim"
 
 

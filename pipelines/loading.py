@@ -48,18 +48,18 @@ def resolve_model(name: str, revision: str | None = None) -> tuple[str, Path]:
         if not path.is_dir():
             raise UserError(f"model path {path} is a file; pass the diffusers-format folder that holds model_index.json")
         return str(path.resolve()), path
-    if _looks_like_hub_id(name):
-        return name, _download(name, revision)
+    if looks_like_hub_id(name):
+        return name, download(name, revision)
     known = ", ".join(presets) or "none"
     raise UserError(f"unknown model '{name}': not a preset ({known}) and no such path exists")
 
 
-def _looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def download(repo_id: str, revision: str | None) -> Path:
     """Hub id -> local snapshot (cache first, so an offline machine with a cached copy works)."""
     from huggingface_hub import snapshot_download
 

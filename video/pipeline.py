@@ -76,13 +76,13 @@ def load_motion(prior: Prior, motion: str | None, unet: nn.Module | None = None)
 
 
 def _motion_folder(motion: str) -> Path:
-    from pipelines.loading import _download, _looks_like_hub_id
+    from pipelines.loading import download, looks_like_hub_id
 
     path = Path(motion).expanduser()
     if path.is_dir():
         return path
-    if _looks_like_hub_id(motion):
-        return _download(motion, None)
+    if looks_like_hub_id(motion):
+        return download(motion, None)
     raise UserError(f"motion={motion}: no such folder")
 
 

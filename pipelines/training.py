@@ -83,7 +83,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
             ema.to(accel.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
                disable=not (progress and accel.is_main_process))
-    step = start
+    step, running, count = start, 0.0, 0
     for step in bar:
         # The schedule follows steps, or the wall-clock budget when that runs out first (max_minutes).
         progress = max(step / max(1, stage.steps), (time.monotonic() - began) / max(1e-9, stage.deadline - began))
@@ -98,8 +98,9 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
             opt.zero_grad(set_to_none=True)
         if ema is not None and accel.sync_gradients:
             ema.step(params)
-        if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then
-            value = loss.item()
+        running, count = running + loss.detach(), count + 1  # stays on the device: no sync per step
+        if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then; log the window's mean
+            value, running, count = (running / count).item(), 0.0, 0
             if not math.isfinite(value):
                 raise UserError(f"{stage.name} loss became {value} at step {step}; lower the learning rate "
                                 f"or resume from the last checkpoint in {ckpt}")

@@ -10,15 +10,37 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import build, load_yaml, preset, to_dict
+from .config import build, load_yaml, option, preset, to_dict
 from .errors import UserError
 from .runtime import atomic_path, command_line, make_run_dir, write_json, write_yaml
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingOptions:
+    """Options every trainer shares: precision, accumulation, checkpoints, budget, seed, device, outputs."""
+
+    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
+    max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
+    seed: int = option(0, "seed for the data and every random draw")
+    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
+    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
+    save_to: Optional[str] = option(None, "also install the trained folder here (e.g. models/toyworld)")
+
+    def validate(self) -> None:
+        for name in ("grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
 
 
 def step_generator(seed: int, stage: str, step: int, process: int) -> torch.Generator:

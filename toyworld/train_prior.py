@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from pipelines.config import option, to_dict
 from pipelines.errors import UserError
 from pipelines.runtime import command_line, install_dir, versions, write_json
-from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
-                                step_generator)
+from pipelines.training import (Stage, TrainingOptions, checkpoint_step, mixed_precision, open_run, plot_losses,
+                                run_stage, step_generator)
 
 from .model import Architecture, build_components, save_model
 from .render import render_uint8
@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainPriorConfig:
+class TrainPriorConfig(TrainingOptions):
     arch: Architecture = field(default_factory=Architecture)
     bank_size: int = option(20000, "number of rendered training images (the data bank)")
     vae_steps: int = option(3000, "VAE optimisation steps")
@@ -52,25 +52,18 @@ class TrainPriorConfig:
     p_drop_view: float = option(0.3, "fraction of captions without the view suffix")
     p_synonym: float = option(0.2, "fraction of captions using a shape synonym (ball, box, ...)")
     ema_decay: float = option(0.999, "EMA decay of the UNet and text-encoder weights (0 disables EMA)")
-    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
-    grad_accum: int = option(1, "gradient accumulation steps")
     checkpoint_every: int = option(2000, "save a resumable checkpoint every N steps")
     max_minutes: Optional[float] = option(None, "wall-clock budget; the VAE stage gets 20%, stages stop early")
-    seed: int = option(0, "seed for the data bank and every random draw")
-    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
-    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
-    save_to: Optional[str] = option(None, "also copy the final model folder here (e.g. models/toyworld)")
     fp16_weights: bool = option(True, "save the final weights in fp16 (half the size)")
 
     def validate(self) -> None:
-        for name in ("bank_size", "batch_size", "grad_accum", "checkpoint_every"):
+        super().validate()
+        for name in ("bank_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("vae_steps", "unet_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
         if len(self.arch.unet_channels) != 3:
             raise UserError("arch.unet_channels must list 3 block widths")
 

@@ -25,8 +25,8 @@ from pipelines.config import option, to_dict
 from pipelines.errors import UserError
 from pipelines.prior import Prior
 from pipelines.runtime import command_line, install_dir, versions, write_json
-from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
-                                step_generator)
+from pipelines.training import (Stage, TrainingOptions, checkpoint_step, mixed_precision, open_run, plot_losses,
+                                run_stage, step_generator)
 
 from .temporal import TemporalConfig, inflate
 
@@ -36,7 +36,7 @@ MASK_MODES = ("none", "first", "interpolation", "mixed")
 
 
 @dataclass
-class TrainTemporalConfig:
+class TrainTemporalConfig(TrainingOptions):
     model: str = option("toyworld", "the frozen prior: preset, folder or hub id")
     data: str = option("toyworld", "'toyworld' (rendered clips) or a folder of video files")
     captions: bool = option(True, "train on captions; false = caption-free, on unlabeled video")
@@ -53,17 +53,10 @@ class TrainTemporalConfig:
     mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
-    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
-    grad_accum: int = option(1, "gradient accumulation steps")
-    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
-    max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
-    seed: int = option(0, "seed for the data and every random draw")
-    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
-    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
-    save_to: Optional[str] = option(None, "also install the trained temporal layers here (e.g. models/toyworld-motion)")
 
     def validate(self) -> None:
-        for name in ("frames", "bank_size", "batch_size", "grad_accum", "checkpoint_every", "steps"):
+        super().validate()
+        for name in ("frames", "bank_size", "batch_size", "steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.fps_choices or min(self.fps_choices) <= 0:

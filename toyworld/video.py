@@ -4,7 +4,10 @@ Each clip keeps its camera fixed and animates the object's offset, yaw or
 scale over time. Motion speeds are in world units (or degrees) per SECOND, so
 a clip sampled at a higher fps shows less motion between consecutive frames.
 Time is centred on the clip's midpoint so translating or growing objects stay
-in view: at the default 8 frames and fps >= 4 everything remains in frame.
+in view. Objects and cameras are drawn exactly as for still images (so the frozen
+image prior already draws them), except that overhead cameras are left out, where
+"up" and "bouncing" would point at the camera. A 2-second clip (8 frames at
+fps 4, 16 at fps 8) moves an object by about 40% of the frame width.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from .render import camera_frame, render
 from .world import COLOR_NAMES, MOTIONS, SHAPES, Scene, _uniform, sample_scenes, shape_word
 
 FPS_CHOICES = (4, 8, 12)
-SPEED = 0.8  # world units / s for moving left/right/up/down
-BOUNCE_HEIGHT, BOUNCE_PERIOD = 0.6, 1.0  # world units, seconds per hop
+SPEED = 0.5  # world units / s for moving left/right/up/down
+BOUNCE_HEIGHT, BOUNCE_PERIOD = 0.45, 1.0  # world units, seconds per hop
 SPIN_DEG_PER_S = 180.0
-GROW_RATE = 0.5  # d(log scale) / dt for growing (+) and shrinking (-)
+MAX_ELEVATION = 45.0  # degrees; higher cameras look down the vertical motions
+GROW_RATE = 0.35  # d(log scale) / dt for growing (+) and shrinking (-)
 
 # Per-motion coefficients, indexed like MOTIONS:
 # (screen-right, screen-up) direction, bounce on/off, spin on/off, grow sign.
@@ -68,11 +72,7 @@ def sample_clip_batch(n: int, generator: torch.Generator, frames: int = 8, size:
     if frames < 1:
         raise ValueError(f"frames must be positive, got {frames}")
     scene = sample_scenes(n, generator)  # CPU; moved to `device` after animating
-    # Lower, farther cameras and smaller objects leave room to move in frame.
-    scene.elevation_deg = _uniform(n, 0.0, 30.0, generator)
-    scene.distance = _uniform(n, 3.8, 4.2, generator)
-    scene.fov_deg = _uniform(n, 40.0, 45.0, generator)
-    scene.scale = _uniform(n, 0.6, 0.75, generator)
+    scene.elevation_deg = _uniform(n, -10.0, MAX_ELEVATION, generator)
     motion = torch.randint(len(MOTIONS), (n,), generator=generator)
     clip_fps = _clip_fps(n, fps, generator)
     use_synonym = (torch.rand(n, generator=generator) < p_synonym).tolist()

@@ -5,7 +5,7 @@ import json
 import torch
 
 import run
-from toyworld.evaluate_video import displacement_per_frame, motion_correct, slope, smoothness, tracks
+from toyworld.evaluate_video import displacement_per_frame, motion_correct, seam_report, slope, smoothness, tracks
 from toyworld.video import sample_clip_batch
 from toyworld.world import MOTIONS
 
@@ -40,14 +40,25 @@ def test_tracks_and_fps_effect_on_ground_truth():
     assert tracks(slow)["area"].min() > 0
 
 
+def test_seam_report_finds_a_jump_at_a_window_edge():
+    frames, window = 20, 8  # windows start at 0, 4, 8, 12: their edges are the transitions after frames 3, 7, 11, 15
+    ramp = torch.linspace(0, 1, frames)[None, :, None, None, None].expand(2, frames, 3, 4, 4).clone()
+    smooth = seam_report(ramp, window)
+    assert smooth["edge_transitions"] == [3, 7, 11, 15] and abs(smooth["ratio"] - 1) < 1e-3
+    jumped = ramp.clone()
+    jumped[:, 8:] += 0.5  # a hard cut between frames 7 and 8, an edge
+    assert seam_report(jumped, window)["ratio"] > 2
+
+
 def test_eval_video_report(tiny_sd, tmp_path):
     assert run.main(["eval", "video", f"model={tiny_sd}", "steps=1", "frames=3", "samples_per_prompt=1",
-                     "colors=[red]", "shapes=[cube]", "motions=[moving left, bouncing]", "--out", str(tmp_path),
+                     "colors=[red]", "shapes=[cube]", "motions=[moving left, bouncing]", "seam_frames=20", "--out", str(tmp_path),
                      "--quiet"]) == 0
     [d] = list((tmp_path / "eval").iterdir())
     report = json.loads((d / "report.json").read_text())
     assert report["clips"] == 2 and set(report["per_motion"]) == {"moving left", "bouncing"}
     for key in ("frame_color_accuracy", "frame_shape_accuracy", "identity_stability", "smoothness", "fps_effect"):
         assert key in report
+    assert report["seams"]["frames"] == 20 and report["seams"]["window"] == 16 and report["seams"]["ratio"] > 0
     assert 0.5 <= report["ground_truth"]["motion_accuracy"] <= 1  # 3 frames at 16 px: a coarse check
     assert (d / "report.md").is_file() and (d / "strip.png").is_file()

@@ -8,14 +8,16 @@ exactly as `python run.py video` makes them. The report (report.json, report.md,
   moving left/right/up/down -> the sign of the centroid's displacement; growing/shrinking -> the sign
   of the area trend; bouncing -> a reversal of vertical direction (spinning has no criterion);
 - temporal smoothness: mean frame-to-frame pixel change, against ToyWorld ground-truth clips;
-- fps effect: centroid displacement per frame at fps=4 against fps=12 ("moving right" prompts).
+- fps effect: centroid displacement per frame at fps=4 against fps=12 ("moving right" prompts);
+- window seams: on clips longer than the temporal-attention window (FreeNoise-style overlapping windows),
+  the frame-to-frame change across window edges against the change inside windows (1.0 = no seam).
 The same motion metrics run on ground-truth clips, so the report says how far the metric itself can be trusted.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +30,8 @@ from pipelines.prior import Prior
 from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, pick_dtype, save_image, versions,
                                write_json, write_text, write_yaml)
 
-from video.pipeline import VideoConfig, default_motion, load_motion
+from video.pipeline import MAX_FRAMES, VideoConfig, default_motion, denoise, load_motion, temporal_window
+from video.temporal import window_starts
 
 from .judge import DEFAULT_PATH, load_judge
 from .render import BACKGROUND
@@ -46,11 +49,14 @@ class EvalVideoConfig(VideoConfig):
     shapes: tuple[str, ...] = option(("sphere", "cube"), "shapes of the prompt grid; [] for all")
     motions: tuple[str, ...] = option((), "motions of the prompt grid, e.g. ['moving left']; [] for all")
     judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
+    seam_frames: int = option(32, "length of the long clips for the window-seam measurement (0 skips it)")
 
     def validate(self) -> None:
         super().validate()
         if self.samples_per_prompt < 1:
             raise UserError(f"samples_per_prompt must be at least 1, got {self.samples_per_prompt}")
+        if self.seam_frames < 0 or self.seam_frames > MAX_FRAMES:
+            raise UserError(f"seam_frames must be between 0 and {MAX_FRAMES}, got {self.seam_frames}")
         if self.frames < 3:
             raise UserError(f"eval video needs at least 3 frames to judge motion, got {self.frames}")
         for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS)):
@@ -117,24 +123,34 @@ def displacement_per_frame(clips: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------- running
 @torch.no_grad()
-def generate_clips(prior: Prior, prompts: list[str], cfg: EvalVideoConfig, fps: float, seed: int,
-                   progress: bool) -> torch.Tensor:
-    """`samples_per_prompt` clips per prompt, (n, F, 3, H, W) in [0, 1], as `run.py video` makes them."""
+def generate_clips(prior: Prior, prompts: list[str], cfg: EvalVideoConfig, seed: int, progress: bool) -> torch.Tensor:
+    """`samples_per_prompt` clips per prompt, (n, F, 3, H, W) in [0, 1], made by the video job's own
+    denoising (`video.pipeline.denoise`, so long clips get the same noise rescheduling)."""
     from einops import rearrange
-
-    from pipelines.sampling import initial_noise, sample
 
     n_per, f = cfg.samples_per_prompt, prior.vae_scale_factor
     h, w = cfg.image_size(prior.default_size, f)
     g = torch.Generator("cpu").manual_seed(seed)
-    noise = initial_noise((len(prompts) * n_per, prior.latent_channels, cfg.frames, h // f, w // f), g, prior.device)
+    shape = (n_per, prior.latent_channels, cfg.frames, h // f, w // f)
     clips = []
-    for i in tqdm(range(len(prompts)), desc=f"generating {len(prompts) * n_per} clips", disable=not progress):
-        text = prior.encode_prompt([prompts[i]], cfg.negative).repeat(n_per)
-        z = sample(prior, text, noise[i * n_per:(i + 1) * n_per], cfg.sampler, cfg.steps, cfg.guidance, g, False, fps=fps)
+    for prompt in tqdm(prompts, desc=f"generating {len(prompts) * n_per} clips", disable=not progress):
+        text = prior.encode_prompt([prompt], cfg.negative).repeat(n_per)
+        z = denoise(prior, prior.unet, text, shape, cfg, g, False)
         frames = prior.decode_latents(rearrange(z, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
         clips.append(rearrange(frames.cpu(), "(b f) c h w -> b f c h w", f=cfg.frames))
     return torch.cat(clips)
+
+
+def seam_report(clips: torch.Tensor, window: int) -> dict:
+    """Mean frame-to-frame change across the edges of the attention windows against inside them."""
+    frames = clips.shape[1]
+    change = (clips[:, 1:] - clips[:, :-1]).abs().mean(dim=(0, 2, 3, 4))  # (F - 1,): frame i -> i + 1
+    edges = {i for s in window_starts(frames, window) for i in (s - 1, s + window - 1) if 0 <= i < frames - 1}
+    inside = [i for i in range(frames - 1) if i not in edges]
+    at_edges, within = float(change[sorted(edges)].mean()), float(change[inside].mean())
+    return {"frames": frames, "window": window, "edge_transitions": sorted(edges),
+            "change_at_edges": round(at_edges, 5), "change_inside": round(within, 5),
+            "ratio": round(at_edges / max(within, 1e-8), 3)}
 
 
 def judge_frames(judge, clips: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -162,7 +178,8 @@ def _rate(flags: list) -> float | None:
     return round(sum(scored) / len(scored), 4) if scored else None
 
 
-def build_report(cfg: EvalVideoConfig, grid, clips: torch.Tensor, judged: dict, truth: dict, fps_effect: dict) -> dict:
+def build_report(cfg: EvalVideoConfig, grid, clips: torch.Tensor, judged: dict, truth: dict, fps_effect: dict,
+                 seams: dict | None = None) -> dict:
     n_per = cfg.samples_per_prompt
     colour = torch.tensor([c for c, _, _ in grid]).repeat_interleave(n_per)[:, None]
     shape = torch.tensor([s for _, s, _ in grid]).repeat_interleave(n_per)[:, None]
@@ -179,7 +196,7 @@ def build_report(cfg: EvalVideoConfig, grid, clips: torch.Tensor, judged: dict, 
         "motion_accuracy": _rate(moved),
         "per_motion": {m: _rate([ok for ok, name in zip(moved, motions) if name == m]) for m in dict.fromkeys(motions)},
         "smoothness": round(smoothness(clips), 4),
-        "ground_truth": truth, "fps_effect": fps_effect,
+        "ground_truth": truth, "fps_effect": fps_effect, "seams": seams,
     }
 
 
@@ -199,6 +216,11 @@ def markdown(r: dict) -> str:
     fe = r["fps_effect"]
     lines += ["", f"fps effect ('{fe['prompt']}'): {fe['fps4_px_per_frame']:.2f} px/frame at fps 4, "
               f"{fe['fps12_px_per_frame']:.2f} px/frame at fps 12 (ratio {fe['ratio']:.2f}; ground truth 3.0)."]
+    if r.get("seams"):
+        se = r["seams"]
+        lines += ["", f"window seams ({se['prompt']}, {se['frames']} frames, attention window {se['window']}): "
+                  f"frame-to-frame change {se['change_at_edges']:.4f} across window edges, {se['change_inside']:.4f} "
+                  f"inside windows (ratio {se['ratio']:.2f}; 1.0 = no seam)."]
     return "\n".join(lines) + "\n"
 
 
@@ -225,15 +247,22 @@ def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = Tru
     grid = cfg.grid()
     prompts = [f"a {COLOR_NAMES[c]} {SHAPES[s]} {MOTIONS[m]}" for c, s, m in grid]
     with timer("generate"):
-        clips = generate_clips(prior, prompts, cfg, cfg.fps, cfg.seed, progress)
+        clips = generate_clips(prior, prompts, cfg, cfg.seed, progress)
     with timer("fps_effect"):
-        fast = [displacement_per_frame(generate_clips(prior, ["a red ball moving right"], cfg, rate, cfg.seed, False))
-                for rate in (4.0, 12.0)]
+        fast = [displacement_per_frame(generate_clips(prior, ["a red ball moving right"], replace(cfg, fps=rate),
+                                                      cfg.seed, False)) for rate in (4.0, 12.0)]
     fps_effect = {"prompt": "a red ball moving right", "fps4_px_per_frame": fast[0], "fps12_px_per_frame": fast[1],
                   "ratio": fast[0] / max(fast[1], 1e-6)}
+    seams, window = None, temporal_window(prior.unet)
+    if cfg.seam_frames > window:  # a long clip that stays in frame: attention runs in overlapping windows
+        with timer("seams"):
+            prompt = "a red ball bouncing"
+            long = generate_clips(prior, [prompt], replace(cfg, frames=cfg.seam_frames, samples_per_prompt=2),
+                                  cfg.seed, False)
+            seams = {"prompt": prompt, **seam_report(long, window)}
     with timer("judge"):
         report = build_report(cfg, grid, clips, judge_frames(judge, clips), ground_truth(cfg, prior.default_size),
-                              fps_effect)
+                              fps_effect, seams)
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", markdown(report))
     save_image(run_dir / "strip.png", strip(clips))

@@ -153,7 +153,7 @@ def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Gener
 def denoise(prior: Prior, unet: nn.Module, text, shape: tuple, cfg: VideoConfig, generator: torch.Generator,
             progress: bool, known: torch.Tensor | None = None) -> torch.Tensor:
     """Sample video latents of `shape` with `unet`; frames where `known` is non-zero are given (mask 1)."""
-    latents = reschedule_noise(initial_noise(shape, generator, prior.device), _window(unet), generator)
+    latents = reschedule_noise(initial_noise(shape, generator, prior.device), temporal_window(unet), generator)
     kwargs = {"fps": cfg.fps}
     if known is not None:
         kwargs.update(known=known, mask=(known.abs().sum(1, keepdim=True) > 0).float())
@@ -164,7 +164,8 @@ def denoise(prior: Prior, unet: nn.Module, text, shape: tuple, cfg: VideoConfig,
         prior.unet = spatial
 
 
-def _window(unet) -> int:
+def temporal_window(unet) -> int:
+    """Frames the video UNet's temporal attention sees at once (longer clips run in overlapping windows)."""
     temporal = getattr(unet, "temporal", None)
     return temporal.cfg.window if temporal is not None else 10**9  # AnimateDiff: its own full attention
 

@@ -52,6 +52,17 @@ def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def window_starts(frames: int, window: int) -> list[int]:
+    """First frame of each temporal-attention window: half-overlapping windows of `window` frames
+    covering `frames` (the last one flush with the end)."""
+    if frames <= window:
+        return [0]
+    starts = list(range(0, frames - window + 1, max(1, window // 2)))
+    if starts[-1] != frames - window:
+        starts.append(frames - window)
+    return starts
+
+
 class TemporalConv(nn.Module):
     """Pseudo-3D convolution: a 1D convolution over frames at every pixel, dirac-initialised (identity)."""
 
@@ -106,13 +117,10 @@ class TemporalAttention(nn.Module):
         0..window-1; overlaps are fused with weights that fall to the window's ends (FreeNoise,
         Qiu et al. 2023, sec. 3.3), so no frame sees an unseen distance and no seam is hard."""
         f, win = tokens.shape[1], self.window
-        starts = list(range(0, f - win + 1, win // 2))
-        if starts[-1] != f - win:
-            starts.append(f - win)
         ramp = torch.minimum(torch.arange(1, win + 1), torch.arange(win, 0, -1)).float().to(tokens)  # 1..peak..1
         out = torch.zeros_like(tokens)
         weight = torch.zeros(f, device=tokens.device, dtype=tokens.dtype)
-        for s in starts:
+        for s in window_starts(f, win):
             out[:, s:s + win] += self._attend(tokens[:, s:s + win]) * ramp[:, None]
             weight[s:s + win] += ramp
         return out / weight[:, None]

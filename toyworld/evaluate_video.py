@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from pipelines.config import option, to_dict
 from pipelines.errors import UserError
 from pipelines.prior import Prior
-from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, pick_dtype, save_image, versions,
+from pipelines.runtime import (Timer, command_line, make_run_dir, save_image, versions,
                                write_json, write_text, write_yaml)
 
-from video.pipeline import MAX_FRAMES, VideoConfig, default_motion, denoise, load_motion, temporal_window
+from video.pipeline import MAX_FRAMES, VideoConfig, denoise, load_video_prior, temporal_window
 from video.temporal import window_starts
 
 from .judge import DEFAULT_PATH, load_judge
@@ -233,14 +233,10 @@ def strip(clips: torch.Tensor, rows: int = 12) -> Image.Image:
 
 
 def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
-    device = pick_device(cfg.device)
     timer = Timer()
     with timer("load"):
-        prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
-                                      cfg.beta_schedule, cfg.revision)
-        cfg.motion = cfg.motion or default_motion(cfg.model)
-        prior.unet = load_motion(prior, cfg.motion)
-        judge = load_judge(cfg.judge, device)
+        prior, cfg.motion, _ = load_video_prior(cfg)
+        judge = load_judge(cfg.judge, prior.device)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)
     run_dir = make_run_dir(out, "eval", "video")
     write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
@@ -267,7 +263,7 @@ def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = Tru
     write_text(run_dir / "report.md", markdown(report))
     save_image(run_dir / "strip.png", strip(clips))
     write_json(run_dir / "metadata.json", {"job": "eval video", "model": prior.model_id, "motion": cfg.motion,
-                                           "device": str(device), "timings_s": timer.stages, "versions": versions(),
+                                           "device": str(prior.device), "timings_s": timer.stages, "versions": versions(),
                                            "command": command_line()})
     logger.info("frame colour %.1f%%, shape %.1f%%, motion %s; report in %s", 100 * report["frame_color_accuracy"],
                 100 * report["frame_shape_accuracy"], report["motion_accuracy"], run_dir)

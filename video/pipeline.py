@@ -184,21 +184,28 @@ def reschedule_noise(latents: torch.Tensor, window: int, generator: torch.Genera
 
 
 def main(cfg: VideoConfig, prompts: list[str], out: str | Path, progress: bool = True) -> list[Path]:
-    device = pick_device(cfg.device)
     timer = Timer()
     with timer("load"):
-        prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
-                                      cfg.beta_schedule, cfg.revision)
-        motion = cfg.motion or default_motion(cfg.model)
-        spatial = prior.unet
-        prior.unet = load_motion(prior, motion)
-        masked = load_masked(spatial, prior, cfg) if cfg.interpolate > 1 or cfg.image else None
+        prior, motion, masked = load_video_prior(cfg)
     height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail before writing anything
     first = load_image(cfg.image, height, width) if cfg.image else None
     with timer("hash"):
         model_hash = prior.content_hash()
     return [run(prior, prompt, cfg, cfg.seed + i, out, model_hash, timer.stages, progress, motion, masked, first)
             for i, prompt in enumerate(prompts)]
+
+
+def load_video_prior(cfg: VideoConfig) -> tuple[Prior, str | None, nn.Module | None]:
+    """The prior with its UNet inflated by `cfg.motion` (or the preset's), the motion folder used, and the
+    masked-frame model when interpolate= or image= needs one."""
+    device = pick_device(cfg.device)
+    prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
+                                  cfg.beta_schedule, cfg.revision)
+    motion = cfg.motion or default_motion(cfg.model)
+    spatial = prior.unet
+    prior.unet = load_motion(prior, motion)
+    masked = load_masked(spatial, prior, cfg) if cfg.interpolate > 1 or cfg.image else None
+    return prior, motion, masked
 
 
 def load_masked(spatial: nn.Module, prior: Prior, cfg: VideoConfig) -> nn.Module:

@@ -1,0 +1,205 @@
+"""The benchmark cases: our pipelines against diffusers' on the same weights, seed, shapes and steps.
+
+A `Case` holds two zero-argument callables, `ours` and `peer` (None when there is no peer), each
+producing the case's output in [0, 1] from a freshly seeded CPU generator, so both sides draw the
+same initial noise and the harness can check that they agree (`max_abs_diff`).
+
+Sizes: `small` loads the shipped ToyWorld prior (or `model=`, which tests use for tiny random
+weights) in fp32 at its native size; `full` builds SD-1.5-sized random-weight components (as
+../shared/peers/animatediff_sds_nerfacc.py does) at 512x512 in fp16 on CUDA (fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import functools
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from pipelines import config
+from pipelines.image import ImageConfig, generate as generate_image
+from pipelines.prior import Prior
+from video.pipeline import VideoConfig, generate as generate_video, load_motion, load_video_prior, run as run_video
+
+IMAGE_PROMPT = "a red cube"
+VIDEO_PROMPT = "a red ball moving right"
+
+
+@dataclass
+class Setting:
+    """What both sides of every case compute (the spec's shapes and step counts)."""
+
+    steps: int = 25
+    guidance: float = 7.5
+    frames: int = 16
+    seed: int = 0
+    resolution: Optional[int] = None  # pixels; None: the model's native size
+
+
+SETTINGS = {"small": Setting(), "full": Setting(resolution=512)}
+
+
+@dataclass
+class Case:
+    name: str
+    ours: Callable[[], object]
+    peer: Optional[Callable[[], object]]
+    meta: dict = field(default_factory=dict)  # shapes, steps, dtype, model, peer pipeline, target
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the process exits."""
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, True)
+    return Path(path)
+
+
+# ------------------------------------------------------------------------------------------ the prior
+@functools.lru_cache(maxsize=2)
+def shared_prior(size: str, device: str, model: Optional[str] = None) -> Prior:
+    """The prior the `image` and `video` cases share (loaded once per run)."""
+    if size == "small":
+        return Prior.from_pretrained(model or "toyworld", device, torch.float32)
+    dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return Prior(sd15_random_components(device), torch.device(device), dtype, model_id="random SD-1.5-sized weights")
+
+
+def sd15_random_components(device: str) -> dict:
+    """SD-1.5-shaped UNet (860M), VAE and CLIP text encoder with random weights; nothing is downloaded.
+    The tokenizer is tests/tiny.py's character-level CLIP tokenizer: prompts are padded to 77 tokens,
+    so the text encoder does SD-1.5's work."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tests.tiny import make_clip_tokenizer
+
+    tokenizer = make_clip_tokenizer(scratch_dir("bench-tokenizer-"))
+    torch.manual_seed(0)
+    with torch.device(device):  # initialise on the GPU: random init of 1B parameters on CPU is slow
+        unet = UNet2DConditionModel(cross_attention_dim=768, sample_size=64)
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4,
+                            sample_size=512)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+            num_hidden_layers=12, max_position_embeddings=77, projection_dim=768,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)  # SD-1.5's
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _meta(prior: Prior, s: Setting, height: int, width: int, **extra) -> dict:
+    return {"model": prior.model_id, "dtype": str(prior.dtype).removeprefix("torch."), "height": height,
+            "width": width, "steps": s.steps, "sampler": "ddim", "guidance": s.guidance, "seed": s.seed, **extra}
+
+
+# --------------------------------------------------------------------------------------------- image
+def image_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
+    """pipelines.image.generate (what `run.py image` runs) vs diffusers' StableDiffusionPipeline."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    s = s or SETTINGS[size]
+    prior = shared_prior(size, device, model)
+    cfg = ImageConfig(sampler="ddim", steps=s.steps, guidance=s.guidance, height=s.resolution, width=s.resolution,
+                      num_images=1)
+    height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
+    pipe = StableDiffusionPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
+                                   unet=prior.unet, scheduler=DDIMScheduler.from_config(prior.noise_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def ours():
+        return generate_image(prior, IMAGE_PROMPT, cfg, generator(s.seed), progress=False)  # (1, 3, H, W)
+
+    def peer():
+        return pipe(IMAGE_PROMPT, height=height, width=width, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                    generator=generator(s.seed), output_type="pt").images  # (1, 3, H, W)
+
+    return Case("image", ours, peer, _meta(prior, s, height, width, images=1, peer="StableDiffusionPipeline"))
+
+
+# --------------------------------------------------------------------------------------------- video
+def motion_adapter(unet_config, size: str):
+    """`full`: AnimateDiff's default MotionAdapter (453M, fits SD-1.5). `small`: a random one sized to the
+    prior's UNet, its zero-initialised outputs perturbed (as tests/test_animatediff.py) so it does something."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(0)
+    if size == "full":
+        return MotionAdapter()
+    channels = tuple(unet_config.block_out_channels)
+    adapter = MotionAdapter(block_out_channels=channels, motion_layers_per_block=unet_config.layers_per_block,
+                            motion_norm_num_groups=unet_config.norm_num_groups,
+                            motion_num_attention_heads=max(1, min(8, channels[0] // 8)))
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return adapter
+
+
+def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
+    """video.pipeline.generate with a MotionAdapter loaded by `motion=FOLDER` (load_motion) vs diffusers'
+    AnimateDiffPipeline with the same UNet and the same adapter folder."""
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+
+    s = s or SETTINGS[size]
+    prior = shared_prior(size, device, model)
+    cfg = VideoConfig(sampler="ddim", steps=s.steps, guidance=s.guidance, frames=s.frames, height=s.resolution,
+                      width=s.resolution)
+    height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
+    adapter = motion_adapter(prior.unet.config, size)
+    with tempfile.TemporaryDirectory(prefix="bench-motion-") as folder:  # both sides load the same files
+        adapter.to(prior.dtype).save_pretrained(folder, safe_serialization=True)
+        del adapter
+        video_prior = copy.copy(prior)  # shares text encoder and VAE; only its `unet` slot changes
+        video_prior.unet = load_motion(prior, folder)
+        pipe = AnimateDiffPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
+                                   unet=prior.unet, motion_adapter=MotionAdapter.from_pretrained(folder),
+                                   scheduler=DDIMScheduler.from_config(prior.noise_config))
+    pipe.to(device=prior.device, dtype=prior.dtype)  # the new UNetMotionModel; shared parts already are
+    pipe.set_progress_bar_config(disable=True)
+
+    def ours():
+        return generate_video(video_prior, VIDEO_PROMPT, cfg, generator(s.seed), progress=False)  # (F, 3, H, W)
+
+    def peer():
+        return pipe(VIDEO_PROMPT, num_frames=s.frames, height=height, width=width, num_inference_steps=s.steps,
+                    guidance_scale=s.guidance, generator=generator(s.seed), output_type="pt").frames[0]  # (F, 3, H, W)
+
+    params = sum(p.numel() for p in pipe.motion_adapter.parameters())
+    return Case("video", ours, peer, _meta(prior, s, height, width, frames=s.frames, peer="AnimateDiffPipeline",
+                                           motion=f"MotionAdapter ({params / 1e6:.1f}M params, random)"))
+
+
+def toyworld_video_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
+    """`python run.py video "a red ball moving right"` on ToyWorld after loading: configs/video.yaml, the
+    preset's temporal layers (identity ones while none ship), generation and the mp4/gif export.
+    No peer. Same in both sizes; `model` and `s` are ignored (the job's own defaults are the point)."""
+    cfg = config.load(VideoConfig, "video", [f"device={device}"])
+    prior, motion, _ = load_video_prior(cfg)
+    height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
+    out = scratch_dir("bench-video-")  # run directories of the timed runs
+
+    def ours():
+        return run_video(prior, VIDEO_PROMPT, cfg, cfg.seed, out, model_hash="", setup_s={}, progress=False)
+
+    setting = Setting(steps=cfg.steps, guidance=cfg.guidance, frames=cfg.frames, seed=cfg.seed)
+    return Case("video-toyworld", ours, None, _meta(
+        prior, setting, height, width, frames=cfg.frames, fps=cfg.fps, peer=None,
+        motion=motion or "identity temporal layers (no trained ToyWorld layers ship yet)",
+        includes="generation + mp4/gif export (model loading excluded)", target_s=30.0,
+        target="≤ 30 s on 2 CPU cores"))
+
+
+CASES = {"image": image_case, "video": video_case, "video-toyworld": toyworld_video_case}

@@ -79,6 +79,18 @@ def test_higher_fps_means_less_motion_per_frame():
     assert float(per_frame[0]) == pytest.approx(3 * float(per_frame[1]), rel=0.1)
 
 
+def test_scene_offsets_lie_in_the_screen_plane():
+    centred = tw.sample_scenes(200, torch.Generator().manual_seed(4))
+    moved = tw.sample_scenes(200, torch.Generator().manual_seed(4), max_offset=0.5, p_offset=0.5)
+    assert (centred.offset == 0).all()
+    for name in ("shape", "color", "azimuth_deg", "elevation_deg", "scale"):  # the same scenes, only moved
+        assert torch.equal(getattr(centred, name), getattr(moved, name))
+    off = moved.offset.norm(dim=1) > 0
+    assert 0.3 < off.float().mean() < 0.7 and moved.offset.abs().max() <= 0.5 * 2 ** 0.5 + 1e-6
+    _, _, _, forward = tw.camera_frame(moved.azimuth_deg, moved.elevation_deg, moved.distance)
+    assert (moved.offset * forward).sum(1).abs().max() < 1e-5  # no motion towards the camera
+
+
 def test_sample_batch_is_deterministic():
     a = tw.sample_batch(12, torch.Generator().manual_seed(7), size=32)
     b = tw.sample_batch(12, torch.Generator().manual_seed(7), size=32)

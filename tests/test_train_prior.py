@@ -33,6 +33,22 @@ def test_train_prior_saves_loadable_model_and_resumes(tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_fine_tune_from_a_trained_prior_keeps_its_vae(tmp_path):
+    """init= fine-tunes a trained prior: VAE, scaling and tokenizer kept, UNet trained, on off-centre objects."""
+    first = tmp_path / "first"
+    assert run.main(["train", "prior", *TINY, "vae_steps=2", "unet_steps=1", "--out", str(first)]) == 0
+    [base] = list((first / "train").iterdir())
+    tuned = tmp_path / "tuned"
+    assert run.main(["train", "prior", f"init={base / 'model'}", "bank_size=8", "batch_size=2", "unet_steps=2",
+                     "device=cpu", "--quiet", "--out", str(tuned)]) == 0
+    [run_dir] = list((tuned / "train").iterdir())
+    a, b = Prior.from_pretrained(str(base / "model")), Prior.from_pretrained(str(run_dir / "model"))
+    assert a.scaling_factor == b.scaling_factor
+    assert all(torch.equal(x, y) for x, y in zip(a.vae.state_dict().values(), b.vae.state_dict().values()))
+    assert any(not torch.equal(x, y) for x, y in zip(a.unet.state_dict().values(), b.unet.state_dict().values()))
+    assert json.loads((run_dir / "metadata.json").read_text())["steps"] == {"vae": 0, "unet": 2}
+
+
 def test_caption_table_variants():
     bank = render_bank(5, 16, seed=0, device=torch.device("cpu"), progress=False)
     tok = build_tokenizer()

@@ -208,6 +208,8 @@ class TrainJudgeConfig:
     eval_size: int = option(2048, "fresh held-out renders (seed eval_seed) the reported accuracies are measured on")
     augment: bool = option(True, "blur, noise, colour jitter and small shifts, so generated images are judged fairly")
     seed: int = option(0, "seed of the training renders, the initial weights and every augmentation")
+    max_offset: float = option(0.5, "objects moved off-centre by up to this many world units, as the prior sees them")
+    p_offset: float = option(0.5, "fraction of the renders moved off-centre")
     eval_seed: int = option(1_000_003, "seed of the held-out renders (keep it different from seed)")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     save_to: Optional[str] = option(DEFAULT_PATH, "also install the trained judge here (null: only in the run directory)")
@@ -224,9 +226,10 @@ class TrainJudgeConfig:
             raise UserError("save_to is empty: name a folder, or pass save_to=null")
 
 
-def render_set(n: int, seed: int, progress: bool = False, chunk: int = 256) -> tuple[torch.Tensor, dict]:
+def render_set(n: int, seed: int, progress: bool = False, chunk: int = 256, max_offset: float = 0.0,
+               p_offset: float = 0.5) -> tuple[torch.Tensor, dict]:
     """n ground-truth renders (uint8, CPU) and their labels, deterministic from the seed."""
-    scenes = sample_scenes(n, torch.Generator().manual_seed(seed))
+    scenes = sample_scenes(n, torch.Generator().manual_seed(seed), max_offset=max_offset, p_offset=p_offset)
     labels = {"color": scenes.color, "shape": scenes.shape, "view": scenes.views()}
     images = render_uint8(scenes, IMAGE_SIZE, "cpu", chunk, progress, f"rendering {n} images")
     return images, labels
@@ -277,8 +280,9 @@ def main(cfg: TrainJudgeConfig, out: str | Path = "outputs", progress: bool = Tr
     run_dir = make_run_dir(out, "train", "judge")
     write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
     started, wall = time.monotonic(), {}
-    images, labels = render_set(cfg.bank_size, cfg.seed, progress)
-    held_out, held_labels = render_set(cfg.eval_size, cfg.eval_seed, progress)
+    images, labels = render_set(cfg.bank_size, cfg.seed, progress, max_offset=cfg.max_offset, p_offset=cfg.p_offset)
+    held_out, held_labels = render_set(cfg.eval_size, cfg.eval_seed, progress, max_offset=cfg.max_offset,
+                                       p_offset=cfg.p_offset)
     wall["render_s"] = round(time.monotonic() - started, 1)
 
     torch.manual_seed(cfg.seed)
@@ -320,7 +324,8 @@ def model_card(cfg: TrainJudgeConfig, metrics: dict, wall: dict, parameters: int
 A {parameters:,}-parameter CNN (`toyworld/judge.py`) that names the colour, shape and view of a 64x64
 ToyWorld image. `python run.py eval image` uses it to score what the prior generates.
 
-- **Data**: {cfg.bank_size:,} ground-truth renders (`toyworld.sample_scenes`, seed {cfg.seed}), each step
+- **Data**: {cfg.bank_size:,} ground-truth renders (`toyworld.sample_scenes`, seed {cfg.seed}; {cfg.p_offset:.0%} of the
+  objects moved off-centre by up to {cfg.max_offset} world units, as the prior's training images), each step
   freshly augmented (shift up to 3 px, zoom +-5%, Gaussian blur sigma up to 1 px, contrast +-10%,
   brightness +-0.05, colour gain +-3%, noise std up to 0.03){"" if cfg.augment else " -- augmentation was OFF for this run"}.
 - **Training**: {cfg.steps} steps, batch {cfg.batch_size}, AdamW one-cycle peak lr {cfg.lr}, {wall['total_s']:.0f} s in all

@@ -51,6 +51,10 @@ class TrainPriorConfig(TrainingOptions):
     caption_dropout: float = option(0.1, "fraction of captions replaced by '' (for classifier-free guidance)")
     p_drop_view: float = option(0.3, "fraction of captions without the view suffix")
     p_synonym: float = option(0.2, "fraction of captions using a shape synonym (ball, box, ...)")
+    max_offset: float = option(0.5, "objects move off-centre by up to this many world units (so videos can move them)")
+    p_offset: float = option(0.5, "fraction of the bank's objects moved off-centre (the rest stay centred)")
+    init: Optional[str] = option(None, "fine-tune this trained prior (folder or preset): its VAE and tokenizer are "
+                                       "kept, only the UNet and text encoder train")
     ema_decay: float = option(0.999, "EMA decay of the UNet and text-encoder weights (0 disables EMA)")
     checkpoint_every: int = option(2000, "save a resumable checkpoint every N steps")
     max_minutes: Optional[float] = option(None, "wall-clock budget; the VAE stage gets 20%, stages stop early")
@@ -80,8 +84,9 @@ class Bank:
         return len(self.images)
 
 
-def render_bank(n: int, size: int, seed: int, device: torch.device, progress: bool) -> Bank:
-    scenes = sample_scenes(n, torch.Generator().manual_seed(seed))
+def render_bank(n: int, size: int, seed: int, device: torch.device, progress: bool, max_offset: float = 0.0,
+                p_offset: float = 0.5) -> Bank:
+    scenes = sample_scenes(n, torch.Generator().manual_seed(seed), max_offset=max_offset, p_offset=p_offset)
     chunk = 4096 if device.type == "cuda" else 256
     return Bank(render_uint8(scenes, size, device, chunk, progress, "rendering ToyWorld bank"), scenes)
 
@@ -165,17 +170,21 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
                         cpu=cfg.device == "cpu")
     device, rank = accel.device, accel.process_index
     torch.manual_seed(cfg.seed)
-    comps = build_components(cfg.arch)
+    comps = build_components(cfg.arch) if cfg.init is None else init_components(cfg.init)
+    image_size = comps["vae"].config.sample_size if cfg.init else cfg.arch.image_size
 
     # 1. the data bank
     t0 = time.monotonic()
-    bank = render_bank(cfg.bank_size, cfg.arch.image_size, cfg.seed, device, progress and accel.is_main_process)
+    bank = render_bank(cfg.bank_size, image_size, cfg.seed, device, progress and accel.is_main_process,
+                       cfg.max_offset, cfg.p_offset)
     wall["render_s"] = round(time.monotonic() - t0, 1)
 
     # 2. the VAE
     t0 = time.monotonic()
     vae = comps["vae"].to(device)
-    if (run_dir / "vae").is_dir():
+    if cfg.init:  # fine-tuning: the VAE and its latent scaling stay as they are
+        pass
+    elif (run_dir / "vae").is_dir():
         vae = type(vae).from_pretrained(run_dir / "vae").to(device)
     else:
         def vae_batch(step):
@@ -197,7 +206,7 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
 
     # 3. latents of the whole bank, and SD's latent scaling (unit variance for the UNet)
     latents = encode_bank(vae, bank, cfg.batch_size)
-    scaling = float(1.0 / latents.std())
+    scaling = vae.config.scaling_factor if cfg.init else float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
 
@@ -247,6 +256,17 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
             install_dir(model_dir, Path(cfg.save_to))
         logger.info("trained prior saved to %s", model_dir)
     return run_dir
+
+
+def init_components(model: str) -> dict:
+    """A trained prior's components (float32, trainable) to fine-tune, loaded as every job loads a model."""
+    from pipelines.loading import check_folder, load_components, resolve_model
+
+    _, path = resolve_model(model)
+    comps = load_components(path, check_folder(path, False), False)
+    for name in ("unet", "vae", "text_encoder"):
+        comps[name] = comps[name].float().requires_grad_(True)
+    return comps
 
 
 @torch.no_grad()

@@ -101,8 +101,15 @@ def _uniform(n: int, lo: float, hi: float, generator: torch.Generator) -> Tensor
     return lo + (hi - lo) * torch.rand(n, generator=generator)
 
 
-def sample_scenes(n: int, generator: torch.Generator, device="cpu") -> Scene:
-    """Random objects under DreamFusion-style orbit cameras (drawn on CPU, then moved)."""
+def sample_scenes(n: int, generator: torch.Generator, device="cpu", max_offset: float = 0.0,
+                  p_offset: float = 0.5) -> Scene:
+    """Random objects under DreamFusion-style orbit cameras (drawn on CPU, then moved).
+
+    With `max_offset` > 0, a fraction `p_offset` of the objects is moved off the image centre by up to
+    `max_offset` world units along the camera's right and up axes (the rest stay centred): a prior that
+    has only seen centred objects pulls every object back to the centre, so no video model on it could
+    move one (measured: SDEdit from t=300 took objects 11 px off-centre back to 2 px).
+    """
     scene = Scene(
         shape=torch.randint(len(SHAPES), (n,), generator=generator),
         color=torch.randint(len(COLORS), (n,), generator=generator),
@@ -114,6 +121,13 @@ def sample_scenes(n: int, generator: torch.Generator, device="cpu") -> Scene:
         yaw_deg=torch.zeros(n),  # keep the marker at azimuth 0 so view labels are truthful
         offset=torch.zeros(n, 3),
     )
+    if max_offset > 0:  # drawn only when asked, so max_offset=0 keeps every earlier seed's scenes
+        from .render import camera_frame  # render.py imports this module, so import lazily
+
+        _, right, up, _ = camera_frame(scene.azimuth_deg, scene.elevation_deg, scene.distance)
+        moved = (torch.rand(n, generator=generator) < p_offset).float()[:, None]
+        u, v = (_uniform(n, -max_offset, max_offset, generator)[:, None] for _ in range(2))
+        scene.offset = moved * (u * right + v * up)
     return scene.to(device)
 
 

@@ -47,3 +47,25 @@ def test_train_temporal_empty_video_folder_is_a_clear_error(tiny_sd, tmp_path, c
     assert run.main(["train", "temporal", f"model={tiny_sd}", f"data={empty}", *TINY, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no readable video" in err and "\n" not in err
+
+
+def test_v_loss_weighting_favours_noisy_steps():
+    """loss_weighting=v: the epsilon error weighted by 1/alpha_bar(t), clipped, mean 1 over t."""
+    from diffusers import DDPMScheduler
+
+    from video.train import TemporalObjective
+
+    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    eps = TemporalObjective(None, None, abar, "eps").weight
+    v = TemporalObjective(None, None, abar, "v", max_weight=20.0).weight
+    assert torch.equal(eps, torch.ones_like(eps))
+    assert abs(float(v.mean()) - 1) < 1e-5 and float(v.max() / v.min()) <= 20.0 + 1e-3
+    assert (v[1:] >= v[:-1]).all() and v[-1] > v[0]  # never less weight on a noisier step
+
+
+def test_train_temporal_v_weighting_runs(tiny_sd, tmp_path):
+    assert run.main(["train", "temporal", f"model={tiny_sd}", *TINY, "loss_weighting=v", "--out", str(tmp_path)]) == 0
+    d = only_run(tmp_path)
+    log = json.loads((d / "losses.json").read_text())
+    assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert json.loads((d / "metadata.json").read_text())["config"]["loss_weighting"] == "v"

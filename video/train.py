@@ -53,6 +53,10 @@ class TrainTemporalConfig(TrainingOptions):
     mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
+    loss_weighting: str = option("eps", "eps: the DDPM epsilon MSE; v: that error weighted by 1/alpha_bar(t) (clipped at "
+                                        "max_loss_weight), the v/x0-space loss that weights the noisy steps where layout "
+                                        "and motion are decided")
+    max_loss_weight: float = option(20.0, "clip of the v weighting's 1/alpha_bar(t)")
 
     def validate(self) -> None:
         super().validate()
@@ -63,6 +67,8 @@ class TrainTemporalConfig(TrainingOptions):
             raise UserError("fps_choices must list positive frame rates")
         if self.mask_mode not in MASK_MODES:
             raise UserError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got '{self.mask_mode}'")
+        if self.loss_weighting not in ("eps", "v") or self.max_loss_weight < 1:
+            raise UserError(f"loss_weighting must be eps or v (and max_loss_weight >= 1), got {self.loss_weighting}")
         if self.data != "toyworld" and not Path(self.data).is_dir():
             raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
 
@@ -145,10 +151,13 @@ def known_frames_mask(mode: str, n: int, frames: int, g: torch.Generator) -> tor
 class TemporalObjective(torch.nn.Module):
     """DDPM epsilon loss of the video UNet; only its temporal layers have trainable weights."""
 
-    def __init__(self, video_unet, text_encoder, alphas_cumprod: torch.Tensor):
+    def __init__(self, video_unet, text_encoder, alphas_cumprod: torch.Tensor, weighting: str = "eps",
+                 max_weight: float = 20.0):
         super().__init__()
         self.video_unet, self.text_encoder = video_unet, text_encoder
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        weight = torch.ones_like(alphas_cumprod) if weighting == "eps" else (1 / alphas_cumprod).clamp(max=max_weight)
+        self.register_buffer("weight", weight / weight.mean(), persistent=False)  # mean 1 over uniform t
 
     def forward(self, ids, z0, noise, t, fps, mask=None) -> torch.Tensor:
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
@@ -157,7 +166,8 @@ class TemporalObjective(torch.nn.Module):
             emb = self.text_encoder(ids)[0]
         known = None if mask is None else z0  # the known frames are given clean, as at inference
         pred = self.video_unet(x_t, t, emb, fps=fps, known=known, mask=mask).sample
-        return F.mse_loss(pred.float(), noise.float())
+        per_clip = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3, 4))
+        return (self.weight[t] * per_clip).mean()
 
 
 def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
@@ -207,7 +217,7 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
     log_file = run_dir / "losses.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else []
     stage = Stage(name, cfg.steps, cfg.lr, started + (cfg.max_minutes * 60 if cfg.max_minutes else float("inf")))
-    done = run_stage(accel, stage, TemporalObjective(video_unet, prior.text_encoder, prior.alphas_cumprod), params,
+    done = run_stage(accel, stage, TemporalObjective(video_unet, prior.text_encoder, prior.alphas_cumprod, cfg.loss_weighting, cfg.max_loss_weight), params,
                      batch, cfg, run_dir, checkpoint_step(run_dir, name), ema=ema, progress=progress, log=log)
 
     # 3. save the EMA temporal layers on their own (safetensors + config), next to nothing else

@@ -50,22 +50,3 @@ def test_video_bad_input(tiny_sd, tmp_path, capsys, override, message):
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not (out / "video").exists() or not list((out / "video").iterdir())
 
-
-@pytest.mark.parametrize("key", ["motion", "interpolation"])
-def test_shipped_toyworld_video_layers(key):
-    """The ToyWorld preset names its trained temporal layers and masked-frame model; they load onto the
-    shipped prior, fit the 20 MB budget and come with a model card."""
-    from pathlib import Path
-
-    from pipelines import Prior
-    from video.pipeline import default_motion, load_motion
-    from video.temporal import WEIGHTS_NAME, VideoUNet
-
-    folder = default_motion("toyworld", key)
-    assert folder is not None, f"configs/models/toyworld.yaml names no {key}:"
-    folder = Path(folder)
-    assert (folder / WEIGHTS_NAME).stat().st_size <= 20e6 and (folder / "README.md").is_file()
-    video_unet = load_motion(Prior.from_pretrained("toyworld"), str(folder))
-    assert isinstance(video_unet, VideoUNet)
-    if key == "interpolation":  # the known-frame input channels start at zero; trained, they are not
-        assert video_unet.temporal.known_in.weight.abs().sum() > 0

@@ -171,7 +171,7 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
     device, rank = accel.device, accel.process_index
     torch.manual_seed(cfg.seed)
     comps = build_components(cfg.arch) if cfg.init is None else init_components(cfg.init)
-    image_size = comps["vae"].config.sample_size if cfg.init else cfg.arch.image_size
+    image_size = comps["vae"].config.sample_size  # arch.image_size, or the init model's
 
     # 1. the data bank
     t0 = time.monotonic()
@@ -182,8 +182,8 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
     # 2. the VAE
     t0 = time.monotonic()
     vae = comps["vae"].to(device)
-    if cfg.init:  # fine-tuning: the VAE and its latent scaling stay as they are
-        pass
+    if cfg.init:
+        pass  # fine-tuning: the VAE and its latent scaling stay as they are
     elif (run_dir / "vae").is_dir():
         vae = type(vae).from_pretrained(run_dir / "vae").to(device)
     else:

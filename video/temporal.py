@@ -10,8 +10,18 @@ output), so a freshly inflated UNet on F frames equals the image UNet on each fr
 
 Temporal self-attention alone never sees the prompt, and the spatial layers were trained on still
 images, so motion words ("moving left") would reach nothing that moves things. Each temporal layer
-therefore also receives a conditioning vector: the pooled prompt embedding plus an embedding of the
-clip's frame rate (Make-A-Video's fps conditioning), added to every frame's tokens.
+therefore also receives a conditioning vector: the prompt's token states, attention-pooled by learned
+queries (a mean over tokens drowns a motion word: in the ToyWorld encoder "moving left" and "moving right"
+differ 20x less than two colours after mean pooling), plus an embedding of the clip's frame rate
+(Make-A-Video's fps conditioning). It is added to the attention's tokens and scales and shifts the
+convolution's input (FiLM, Perez et al. 2018).
+
+A 1D convolution over frames sees one pixel at a time, and so does attention over frames; with the
+spatial layers frozen, nothing could carry content from one pixel to its neighbour between frames,
+which is what motion is. Each pseudo-3D convolution therefore has a second, zero-initialised branch:
+a depthwise (channel-wise) 3D convolution over (frames, height, width). It costs 27 weights per
+channel, and with the FiLM gate choosing channels per prompt it can shift content by a pixel a frame
+in the direction the prompt names.
 
 The temporal layers are one `TemporalLayers` module with its own state dict, saved as its own
 safetensors file; `freeze_spatial()` leaves only them trainable.
@@ -42,6 +52,7 @@ class TemporalConfig:
     heads: int = 4  # temporal attention heads (reduced for narrow blocks)
     max_frames: int = 64  # length of the fixed sinusoidal position table
     window: int = 16  # frames attended together; longer clips use overlapping windows (FreeNoise)
+    text_queries: int = 4  # learned queries that attention-pool the prompt's token states
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -64,20 +75,35 @@ def window_starts(frames: int, window: int) -> list[int]:
 
 
 class TemporalConv(nn.Module):
-    """Pseudo-3D convolution: a 1D convolution over frames at every pixel, dirac-initialised (identity)."""
+    """Pseudo-3D convolution: a 1D convolution over frames at every pixel, dirac-initialised (identity),
+    on an input scaled and shifted by the clip's conditioning, plus a zero-initialised depthwise
+    (frames x 3 x 3) convolution that can move content between neighbouring pixels from frame to frame."""
 
-    def __init__(self, channels: int, kernel_size: int = 3):
+    def __init__(self, channels: int, kernel_size: int = 3, cond_dim: int | None = None):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
         nn.init.dirac_(self.conv.weight)
         nn.init.zeros_(self.conv.bias)
+        self.shift = nn.Conv3d(channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1),
+                               groups=channels, bias=False)
+        nn.init.zeros_(self.shift.weight)
+        self.film = None
+        if cond_dim is not None:
+            self.film = nn.Linear(cond_dim, 2 * channels)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0] // frames
         h, w = x.shape[-2:]
-        y = rearrange(x, "(b f) c h w -> (b h w) c f", f=frames)
-        y = self.conv(y)
-        return rearrange(y, "(b h w) c f -> (b f) c h w", b=b, h=h, w=w)
+        if cond is not None and self.film is not None:  # (b, cond_dim): one scale and shift per clip and channel
+            scale, shift = rearrange(self.film(cond).to(x.dtype), "b (two c) -> two b c 1 1", two=2)
+            x = rearrange(x, "(b f) c h w -> b f c h w", b=b) * (1 + scale[:, None]) + shift[:, None]
+            x = rearrange(x, "b f c h w -> (b f) c h w")
+        y = rearrange(self.conv(rearrange(x, "(b f) c h w -> (b h w) c f", f=frames)),
+                      "(b h w) c f -> (b f) c h w", b=b, h=h, w=w)
+        moved = self.shift(rearrange(x, "(b f) c h w -> b c f h w", b=b))
+        return y + rearrange(moved, "b c f h w -> (b f) c h w")
 
 
 class TemporalAttention(nn.Module):
@@ -136,13 +162,17 @@ class TemporalLayers(nn.Module):
         for name, module in unet.named_modules():
             kind = type(module).__name__
             if kind == "ResnetBlock2D":
-                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size)
+                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size, cfg.cond_dim)
             elif kind == "Transformer2DModel":
                 channels = module.out_channels or module.in_channels
                 layers[name] = TemporalAttention(channels, cfg)
         self.layers = nn.ModuleDict({k.replace(".", "__"): v for k, v in layers.items()})
         self.fps_embed = nn.Sequential(nn.Linear(64, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
-        self.text_embed = nn.Linear(cfg.text_dim, cfg.cond_dim)
+        # the prompt, attention-pooled: each learned query weighs the (normalised) token states
+        self.text_norm = nn.LayerNorm(cfg.text_dim)
+        self.text_scores = nn.Linear(cfg.text_dim, cfg.text_queries)
+        self.text_embed = nn.Sequential(nn.Linear(cfg.text_queries * cfg.text_dim, cfg.cond_dim), nn.SiLU(),
+                                        nn.Linear(cfg.cond_dim, cfg.cond_dim))
         # Masked-frame conditioning (Make-A-Video's interpolation and image-to-video): the known frames'
         # latents and a mask enter through extra input channels, zero-initialised so they start unused.
         conv_in = unet.conv_in
@@ -156,7 +186,11 @@ class TemporalLayers(nn.Module):
 
     def condition(self, text: torch.Tensor, fps: torch.Tensor) -> torch.Tensor:
         """(b, L, D) prompt embeddings and (b,) frame rates -> (b, cond_dim)."""
-        return self.text_embed(text.float().mean(1)) + self.fps_embed(sinusoidal(fps, 64, max_period=100.0))
+        dtype = self.text_norm.weight.dtype
+        states = self.text_norm(text.to(dtype))
+        weights = self.text_scores(states).softmax(dim=1)  # (b, L, queries): a distribution over tokens per query
+        pooled = rearrange(torch.einsum("blq,bld->bqd", weights, states), "b q d -> b (q d)")
+        return self.text_embed(pooled) + self.fps_embed(sinusoidal(fps, 64, max_period=100.0).to(dtype))
 
     def save(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file

@@ -13,6 +13,7 @@ Bad input prints one line and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 from pipelines import config
 from pipelines.errors import UserError
 from pipelines.image import ImageConfig
+from dreamfusion.config import ExportConfig, ThreeDConfig
 from toyworld.evaluate import EvalImageConfig
 from toyworld.evaluate_video import EvalVideoConfig
 from toyworld.judge import TrainJudgeConfig
@@ -40,6 +42,7 @@ class Job:
     module: str
     summary: str
     prompt: bool = False  # takes a prompt (or --prompts FILE)
+    run_dir: bool = False  # takes a run directory (export)
 
 
 # `run.py JOB [WHAT]`: jobs with a prompt have no WHAT (key None); train/eval name what they act on.
@@ -47,6 +50,10 @@ JOBS: dict[str, dict[str | None, Job]] = {
     "image": {None: Job(ImageConfig, "image", "pipelines.image", "text -> image PNGs from the prior", prompt=True)},
     "video": {None: Job(VideoConfig, "video", "video.pipeline",
                         "text -> MP4 clip: the prior's UNet inflated with temporal layers", prompt=True)},
+    "3d": {None: Job(ThreeDConfig, "3d", "dreamfusion.fit",
+                     "text -> 3D asset: SDS from the prior into a NeRF, exported as OBJ/GLB/PLY + turntables", prompt=True)},
+    "export": {None: Job(ExportConfig, "export", "dreamfusion.reexport",
+                         "re-export a 3d run (or its last checkpoint) with other mesh/turntable settings", run_dir=True)},
     "train": {
         "prior": Job(TrainPriorConfig, "train_prior", "toyworld.train_prior",
                      "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
@@ -92,9 +99,13 @@ def build_parser() -> Parser:
     for name, variants in JOBS.items():
         summary = variants[None].summary if None in variants else f"{name}: " + ", ".join(variants)
         p = sub.add_parser(name, help=summary, description=summary, formatter_class=fmt, epilog=jobs_help(name))
-        if None in variants:
+        if None in variants and variants[None].run_dir:
+            p.add_argument("args", nargs="*", metavar="RUN_DIR | key=value", help="the run directory, then option overrides")
+        elif None in variants:
             p.add_argument("args", nargs="*", metavar="PROMPT | key=value", help="the prompt, then option overrides")
             p.add_argument("--prompts", metavar="FILE", help="run every line of FILE as a prompt (blank lines and # comments skipped)")
+            if "resume" in {f.name for f in dataclasses.fields(variants[None].cls)}:
+                p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint (same config)")
         else:
             p.add_argument("what", metavar="WHAT", help=" | ".join(variants))
             p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
@@ -157,9 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         if what not in variants:
             raise UserError(f"cannot {args.job} '{what}': choose one of {', '.join(variants)}")
         job = variants[what]
+        resume = getattr(args, "resume", None)
+        if resume:
+            overrides = overrides + [f"resume={resume}"]
         cfg = config.load(job.cls, job.preset, overrides, args.config)
         runner = importlib.import_module(job.module).main
-        if job.prompt:
+        if job.run_dir:
+            if len(words) != 1:
+                raise UserError(f"{args.job} takes one run directory, got {len(words)}: python run.py {args.job} RUN_DIR [key=value ...]")
+            runner(cfg, Path(words[0]), progress=not args.quiet)
+        elif job.prompt and resume and not words and not args.prompts:
+            runner(cfg, None, args.out, progress=not args.quiet)  # the run's own prompt
+        elif job.prompt:
             runner(cfg, read_prompts(words, args.prompts), args.out, progress=not args.quiet)
         elif words:
             raise UserError(f"unexpected argument '{words[0]}': {args.job} options are key=value")

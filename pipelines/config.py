@@ -160,12 +160,27 @@ def preset(job: str) -> dict:
     return load_yaml(path) if path.is_file() else {}
 
 
+def model_defaults(model: str, job: str) -> dict:
+    """A model preset's own defaults for a job: the `<job>:` section of configs/models/<model>.yaml (so
+    `python run.py 3d PROMPT model=sd21-base` follows the published SD recipe, not ToyWorld's)."""
+    path = CONFIG_DIR / "models" / f"{model}.yaml"
+    section = load_yaml(path).get(job) if path.is_file() else None
+    if section is not None and not isinstance(section, dict):
+        raise UserError(f"{path}: the '{job}:' section must map option names to values")
+    return section or {}
+
+
 def load(cls: type, job: str, overrides: list[str], config_file: str | None = None):
-    """Dataclass defaults <- configs/<job>.yaml <- --config FILE <- key=value overrides."""
+    """Dataclass defaults <- configs/<job>.yaml <- the model preset's `<job>:` section <- --config FILE
+    <- key=value overrides."""
+    user = load_yaml(config_file) if config_file else {}
+    user = merge(user, parse_overrides(overrides))
     data = preset(job)
-    if config_file:
-        data = merge(data, load_yaml(config_file))
-    data = merge(data, parse_overrides(overrides))
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "model" in fields:
+        default = fields["model"].default
+        data = merge(data, model_defaults(str(user.get("model", data.get("model", default))), job))
+    data = merge(data, user)
     cfg = build(cls, data)
     if hasattr(cfg, "validate"):
         cfg.validate()

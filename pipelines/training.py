@@ -91,9 +91,15 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
 
 
 def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Path, start: int,
-              ema=None, progress: bool = True, log: list | None = None) -> int:
-    """Optimise `objective(**batch_fn(step))` for `stage.steps` steps; returns the last step done."""
-    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0)
+              ema=None, progress: bool = True, log: list | None = None, after_step=None,
+              adam_eps: float = 1e-8) -> int:
+    """Optimise `objective(**batch_fn(step))` for `stage.steps` steps; returns the last step done.
+
+    `after_step(step)` runs after each optimiser step (occupancy-grid updates, validation renders).
+    Ctrl-C saves a checkpoint first; a checkpoint is only written while loss and weights are finite,
+    so a run that diverges keeps its last good one.
+    """
+    opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0, eps=adam_eps)
     model, opt = accel.prepare(objective, opt)
     warmup, began = min(cfg.warmup_steps, stage.steps // 5 + 1), time.monotonic()
     if ema is not None:
@@ -105,37 +111,59 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
             ema.to(accel.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
                disable=not (progress and accel.is_main_process))
-    step, running, count = start, 0.0, 0
-    for step in bar:
-        # The schedule follows steps, or the wall-clock budget when that runs out first (max_minutes).
-        progress = max(step / max(1, stage.steps), (time.monotonic() - began) / max(1e-9, stage.deadline - began))
-        for group in opt.param_groups:
-            group["lr"] = stage.lr * lr_factor(step, warmup, progress)
-        with accel.accumulate(model):
-            loss = model(**batch_fn(step))
-            accel.backward(loss)
-            if accel.sync_gradients:
-                accel.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if ema is not None and accel.sync_gradients:
-            ema.step(params)
-        running, count = running + loss.detach(), count + 1  # stays on the device: no sync per step
-        if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then; log the window's mean
-            value, running, count = (running / count).item(), 0.0, 0
-            if not math.isfinite(value):
-                raise UserError(f"{stage.name} loss became {value} at step {step}; lower the learning rate "
-                                f"or resume from the last checkpoint in {ckpt}")
-            if log is not None:
-                log.append({"stage": stage.name, "step": step, "loss": round(value, 6)})
-            bar.set_postfix(loss=f"{value:.4f}")
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
+    step, running, count, done = start, 0.0, 0, start
+    try:
+        for step in bar:
+            loss = _one_step(accel, stage, model, opt, batch_fn, cfg, params, ema, step, warmup, began)
+            running, count = running + loss.detach(), count + 1  # stays on the device: no sync per step
+            if step % 50 == 0:  # reading the loss syncs the GPU, so only now and then; log the window's mean
+                value, running, count = (running / count).item(), 0.0, 0
+                _check_finite(value, stage, step, ckpt)
+                if log is not None:
+                    log.append({"stage": stage.name, "step": step, "loss": round(value, 6)})
+                bar.set_postfix(loss=f"{value:.4f}")
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
+                _check_finite(float(loss.detach()), stage, step, ckpt, params)
+                save_checkpoint(accel, ckpt, stage.name, done)
+            if after_step is not None:
+                after_step(step)
+            if time.monotonic() > stage.deadline and done < stage.steps:
+                logger.info("%s stage stopped by max_minutes at step %d/%d", stage.name, done, stage.steps)
+                return done
+    except KeyboardInterrupt:
+        if done > start and all(torch.isfinite(p).all() for p in params):
             save_checkpoint(accel, ckpt, stage.name, done)
-        if time.monotonic() > stage.deadline and done < stage.steps:
-            logger.info("%s stage stopped by max_minutes at step %d/%d", stage.name, done, stage.steps)
-            return done
+            logger.warning("interrupted: checkpoint at step %d saved in %s (resume to continue)", done, ckpt)
+        raise
     return max(start, step + 1) if stage.steps > start else start
+
+
+def _one_step(accel, stage: Stage, model, opt, batch_fn, cfg, params, ema, step: int, warmup: int, began: float):
+    # The schedule follows steps, or the wall-clock budget when that runs out first (max_minutes).
+    progress = max(step / max(1, stage.steps), (time.monotonic() - began) / max(1e-9, stage.deadline - began))
+    for group in opt.param_groups:
+        group["lr"] = stage.lr * lr_factor(step, warmup, progress)
+    with accel.accumulate(model):
+        loss = model(**batch_fn(step))
+        accel.backward(loss)
+        if accel.sync_gradients:
+            accel.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if ema is not None and accel.sync_gradients:
+        ema.step(params)
+    return loss
+
+
+def _check_finite(value: float, stage: Stage, step: int, ckpt: Path, params=None) -> None:
+    """Stop on a NaN/inf loss (or weights) before it reaches a checkpoint: the last good one is kept."""
+    bad = not math.isfinite(value) or (params is not None and not all(torch.isfinite(p).all() for p in params))
+    if bad:
+        what = f"loss became {value}" if not math.isfinite(value) else "weights became NaN/inf"
+        last = checkpoint_step(ckpt.parent.parent, stage.name)
+        kept = f"the last good checkpoint (step {last}) is in {ckpt}" if last else "no checkpoint was saved yet"
+        raise UserError(f"{stage.name}: {what} at step {step}; {kept}. Lower the learning rate and resume")
 
 
 def save_checkpoint(accel, folder: Path, stage: str, step: int) -> None:

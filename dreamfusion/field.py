@@ -1,0 +1,248 @@
+"""The NeRF field of text-to-3D: density and albedo at points, plus the background behind them.
+
+Follows DreamFusion (Poole et al. 2022, "DreamFusion: Text-to-3D using 2D Diffusion", sec. 3.1):
+the field outputs a volumetric density and an RGB *albedo* (not view-dependent radiance); shading
+is applied later with normals from the negative normalised density gradient. The layout is
+threestudio's "implicit-volume": one trunk MLP over a positional encoding outputs the density
+and the albedo together.
+
+  * Encoding: NeRF's frequency (positional) encoding (Mildenhall et al. 2020), or a plain-PyTorch
+    multiresolution hash encoding with trilinear interpolation (Instant-NGP, Mueller et al. 2022).
+  * Density: the raw MLP density plus Magic3D's density blob (Lin et al. 2023, "Magic3D",
+    `blob_density * (1 - |x| / blob_radius)`), so the optimisation starts from a ball at the
+    centre instead of empty space or fog; then softplus, or Instant-NGP's truncated exp.
+  * Everything outside the cube [-bound, bound]^3 has density 0.
+
+`Background` is what rays see when they leave the cube: DreamFusion's environment MLP over the
+ray direction, a fixed grey, or a random solid colour in training (threestudio's `random_aug`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from pipelines.config import option
+from pipelines.errors import UserError
+
+ENCODINGS = ("frequency", "hashgrid")
+DENSITY_ACTIVATIONS = ("softplus", "exp")
+BACKGROUNDS = ("mlp", "fixed", "random")
+TRUNC_EXP_MAX = 15.0  # Instant-NGP clamps the exp's gradient at exp(15)
+
+
+@dataclass
+class FieldConfig:
+    """The NeRF field and its background."""
+
+    bound: float = option(1.5, "the field lives in the cube [-bound, bound]^3 (density 0 outside)")
+    encoding: str = option("frequency", "point encoding: frequency (NeRF positional) or hashgrid (Instant-NGP)")
+    frequencies: int = option(6, "frequency encoding: number of octaves (sin/cos of 2^k pi x)")
+    hash_levels: int = option(12, "hashgrid: number of resolution levels")
+    hash_features: int = option(2, "hashgrid: features per level")
+    hash_log2_size: int = option(15, "hashgrid: log2 of the hash table size per level")
+    hash_base_resolution: int = option(8, "hashgrid: coarsest grid resolution")
+    hash_max_resolution: int = option(256, "hashgrid: finest grid resolution")
+    hidden: int = option(64, "width of the trunk MLP")
+    layers: int = option(2, "hidden layers of the trunk MLP")
+    blob_density: float = option(10.0, "Magic3D density blob: peak added to the raw density at the centre")
+    blob_radius: float = option(0.5, "Magic3D density blob: radius where the added density crosses 0")
+    density_activation: str = option("softplus", "softplus, or exp (truncated exp with clamped gradient)")
+    background: str = option("mlp", "mlp (environment MLP over ray direction), fixed (grey) or random (per call)")
+    background_color: float = option(0.92, "grey level of the fixed background (and of random at eval)")
+
+    def validate(self) -> None:
+        if not self.bound > 0:
+            raise UserError(f"bound must be positive, got {self.bound}")
+        _choice("encoding", self.encoding, ENCODINGS)
+        _choice("density_activation", self.density_activation, DENSITY_ACTIVATIONS)
+        _choice("background", self.background, BACKGROUNDS)
+        for name in ("hash_levels", "hash_features", "hidden", "layers"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.frequencies < 0:
+            raise UserError(f"frequencies must be >= 0, got {self.frequencies}")
+        if not 4 <= self.hash_log2_size <= 24:
+            raise UserError(f"hash_log2_size must be between 4 and 24, got {self.hash_log2_size}")
+        if not 2 <= self.hash_base_resolution <= self.hash_max_resolution:
+            raise UserError("hash resolutions must satisfy 2 <= hash_base_resolution <= hash_max_resolution, "
+                            f"got {self.hash_base_resolution} and {self.hash_max_resolution}")
+        if self.blob_density < 0 or not self.blob_radius > 0:
+            raise UserError(f"blob_density must be >= 0 and blob_radius > 0, got {self.blob_density}, {self.blob_radius}")
+        if not 0 <= self.background_color <= 1:
+            raise UserError(f"background_color must be in [0, 1], got {self.background_color}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {name} '{value}': choose one of {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------- encodings
+
+class FrequencyEncoding(nn.Module):
+    """NeRF positional encoding of points in [-1, 1]^3: [x, sin(2^k pi x), cos(2^k pi x)] for k < octaves."""
+
+    def __init__(self, octaves: int):
+        super().__init__()
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False)
+        self.out_dim = 3 + 6 * octaves
+
+    def forward(self, x: Tensor) -> Tensor:
+        angles = rearrange(x[..., None] * self.freqs, "n c f -> n (c f)")  # (N, 3F)
+        return torch.cat([x, angles.sin(), angles.cos()], dim=-1)  # (N, 3 + 6F)
+
+
+class HashGridEncoding(nn.Module):
+    """Instant-NGP multiresolution hash encoding (Mueller et al. 2022, sec. 3), trilinear, plain PyTorch.
+
+    Level l has resolution floor(base * growth^l) cells per axis, growth chosen so the last level
+    reaches `max_resolution`. A level whose (res + 1)^3 vertices fit in the table is indexed densely
+    (no collisions); finer levels use the paper's spatial hash (eq. 4, primes 1, 2654435761, 805459861).
+    """
+
+    PRIMES = (1, 2654435761, 805459861)
+
+    def __init__(self, levels: int, features: int, log2_size: int, base_resolution: int, max_resolution: int):
+        super().__init__()
+        growth = math.exp((math.log(max_resolution) - math.log(base_resolution)) / max(levels - 1, 1))
+        self.resolutions = [int(base_resolution * growth**level) for level in range(levels)]
+        self.table_size = 2**log2_size
+        # Tiny uniform init (paper: U(-1e-4, 1e-4)) so the initial field is the MLP bias plus the blob.
+        self.tables = nn.Parameter(torch.empty(levels, self.table_size, features).uniform_(-1e-4, 1e-4))
+        corners = torch.tensor([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+        self.register_buffer("corners", corners, persistent=False)  # (8, 3)
+        self.out_dim = levels * features
+
+    def forward(self, x: Tensor) -> Tensor:
+        unit = ((x + 1) / 2).clamp(0, 1)  # (N, 3) in [0, 1]^3
+        return torch.cat([self._level(unit, level, res) for level, res in enumerate(self.resolutions)], dim=-1)
+
+    def _level(self, unit: Tensor, level: int, res: int) -> Tensor:
+        pos = unit * res  # (N, 3) in grid units
+        cell = pos.floor().long().clamp(0, res - 1)
+        frac = pos - cell  # (N, 3)
+        vertices = cell[:, None, :] + self.corners  # (N, 8, 3)
+        # Trilinear weight of each corner: product over axes of frac or (1 - frac).
+        weights = torch.where(self.corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # (N, 8)
+        feats = self.tables[level][self._index(vertices, res)]  # (N, 8, F)
+        return (weights[..., None] * feats).sum(1)  # (N, F)
+
+    def _index(self, v: Tensor, res: int) -> Tensor:
+        if (res + 1) ** 3 <= self.table_size:
+            return v[..., 0] + (res + 1) * (v[..., 1] + (res + 1) * v[..., 2])
+        h = (v[..., 0] * self.PRIMES[0]) ^ (v[..., 1] * self.PRIMES[1]) ^ (v[..., 2] * self.PRIMES[2])
+        return h % self.table_size
+
+
+def mlp(in_dim: int, hidden: int, layers: int, out_dim: int) -> nn.Sequential:
+    """`layers` hidden ReLU layers of width `hidden`, then a linear head."""
+    dims = [in_dim] + [hidden] * layers
+    body = [m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+    return nn.Sequential(*body, nn.Linear(dims[-1], out_dim))
+
+
+# ---------------------------------------------------------------- density activations
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) whose gradient uses exp(min(x, 15)) (Instant-NGP / torch-ngp `trunc_exp`).
+
+    The backward is written in differentiable ops, so second derivatives (normals with
+    create_graph=True) work through it.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=TRUNC_EXP_MAX))
+
+
+def trunc_exp(x: Tensor) -> Tensor:
+    return _TruncExp.apply(x)
+
+
+# ---------------------------------------------------------------- field
+
+class NeRFField(nn.Module):
+    """Density and albedo at world points (threestudio "implicit-volume" with DreamFusion's shading split)."""
+
+    def __init__(self, cfg: FieldConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.encoding == "hashgrid":
+            self.encoding = HashGridEncoding(cfg.hash_levels, cfg.hash_features, cfg.hash_log2_size,
+                                             cfg.hash_base_resolution, cfg.hash_max_resolution)
+        else:
+            self.encoding = FrequencyEncoding(cfg.frequencies)
+        self.trunk = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 4)  # raw density + 3 albedo logits
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Points (N, 3) -> density (N,) >= 0 and albedo (N, 3) in [0, 1]."""
+        out = self.trunk(self.encoding(x / self.cfg.bound))  # (N, 4)
+        raw = out[:, 0] + self._blob(x)  # (N,)
+        density = F.softplus(raw) if self.cfg.density_activation == "softplus" else trunc_exp(raw)
+        inside = (x.abs() <= self.cfg.bound).all(-1)
+        # `where`, not a multiply: exp may overflow to inf outside, and inf * 0 is nan.
+        return torch.where(inside, density, torch.zeros_like(density)), torch.sigmoid(out[:, 1:])
+
+    def query_density(self, x: Tensor) -> Tensor:
+        """Points (N, 3) -> density (N,) >= 0."""
+        return self(x)[0]
+
+    def normals(self, x: Tensor, create_graph: bool = False) -> Tensor:
+        """Unit normals (N, 3) = -normalize(d density / dx) (DreamFusion sec. 3.1).
+
+        Grad is enabled locally, so this also works under torch.no_grad (not under
+        torch.inference_mode). With create_graph=True the normals stay differentiable with
+        respect to the parameters (for shading and the orientation loss in training).
+        Where the gradient is zero (empty space) the normal is the zero vector.
+        """
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.query_density(x).sum(), x, create_graph=create_graph)
+        return -F.normalize(grad, dim=-1)
+
+    def _blob(self, x: Tensor) -> Tensor:
+        """Magic3D's density blob: positive inside blob_radius, increasingly negative outside."""
+        return self.cfg.blob_density * (1 - x.norm(dim=-1) / self.cfg.blob_radius)
+
+
+# ---------------------------------------------------------------- background
+
+class Background(nn.Module):
+    """Colour (N, 3) seen along rays that leave the field, from their unit directions (N, 3).
+
+    * "mlp": DreamFusion's environment map, a small MLP over the encoded direction with a
+      sigmoid output (learned with the field).
+    * "fixed": the constant grey `background_color`.
+    * "random": in training, one uniform random solid colour per call, drawn from `generator`
+      (threestudio's `random_aug`, which stops the field from painting the background into the
+      object); at evaluation the fixed grey. Call once per image for one colour per image.
+    """
+
+    def __init__(self, cfg: FieldConfig, hidden: int = 32, octaves: int = 4):
+        super().__init__()
+        self.mode, self.color = cfg.background, cfg.background_color
+        if self.mode == "mlp":
+            self.encoding = FrequencyEncoding(octaves)
+            self.net = mlp(self.encoding.out_dim, hidden, 1, 3)
+
+    def forward(self, dirs: Tensor, train: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        if self.mode == "mlp":
+            return torch.sigmoid(self.net(self.encoding(dirs)))
+        if self.mode == "random" and train:
+            device = generator.device if generator is not None else torch.device("cpu")
+            color = torch.rand(3, generator=generator, device=device).to(dirs)
+        else:
+            color = torch.full((3,), self.color, dtype=dirs.dtype, device=dirs.device)
+        return color.expand(dirs.shape[0], 3)

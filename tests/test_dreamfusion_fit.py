@@ -1,0 +1,130 @@
+"""`run.py 3d` and `run.py export` on a tiny random SD-layout prior: files, exact resume, Ctrl-C, NaN, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import trimesh
+from safetensors.torch import load_file
+
+import run
+from video.export import probe
+
+TINY = ["steps=4", "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=3",
+        "turntable_size=16", "val_every=2", "checkpoint_every=2", "guidance=10", "encode_size=16", "--quiet"]
+
+
+def fit(tiny_sd, out, *extra, prompt="a red cube") -> int:
+    return run.main(["3d", prompt, f"model={tiny_sd}", *TINY, *extra, "--out", str(out)])
+
+
+def only_run(out: Path) -> Path:
+    [d] = [p for p in (out / "3d").iterdir() if p.is_dir()]
+    return d
+
+
+def test_3d_writes_loadable_meshes_and_turntables(tiny_sd, tmp_path):
+    assert fit(tiny_sd, tmp_path) == 0
+    d = only_run(tmp_path)
+    for name in ("mesh.obj", "mesh.glb", "mesh.ply"):
+        mesh = trimesh.load(d / name, force="mesh")
+        assert len(mesh.faces) > 0 and len(mesh.vertices) > 0, name
+    glb = trimesh.load(d / "mesh.glb", force="mesh")
+    ply = trimesh.load(d / "mesh.ply", force="mesh")
+    assert (len(glb.vertices), len(glb.faces)) == (len(ply.vertices), len(ply.faces))
+    for name in ("turntable.mp4", "mesh_turntable.mp4"):
+        info = probe(d / name)
+        assert (info["codec"], info["pix_fmt"], info["frames"]) == ("h264", "yuv420p", 3)
+    assert sorted(p.name for p in (d / "val").iterdir()) == ["step_000002.png", "step_000004.png"]
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["steps"] == 4 and meta["prompt"] == "a red cube" and "fit" in meta["timings_s"]
+    assert json.loads((d / "mesh.json").read_text())["automatic"] is True
+
+
+def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch):
+    assert fit(tiny_sd, tmp_path / "straight") == 0
+    straight = load_file(str(only_run(tmp_path / "straight") / "asset.safetensors"))
+
+    from dreamfusion.fit import SDSObjective
+
+    forward = SDSObjective.forward
+
+    def interrupted(self, step, progress, generator):
+        if step == 2:
+            raise KeyboardInterrupt
+        return forward(self, step, progress, generator)
+
+    monkeypatch.setattr(SDSObjective, "forward", interrupted)
+    assert fit(tiny_sd, tmp_path / "stopped") == 130  # Ctrl-C saves a checkpoint at step 2
+    d = only_run(tmp_path / "stopped")
+    assert json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())["step"] == 2
+    monkeypatch.setattr(SDSObjective, "forward", forward)
+    assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
+    resumed = load_file(str(d / "asset.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+
+
+def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
+    assert fit(tiny_sd, tmp_path) == 0
+    d = only_run(tmp_path)
+    assert run.main(["export", str(d), "mesh_resolution=20", "formats=[ply]", "turntable_frames=2", "--quiet"]) == 0
+    [e] = [p for p in d.iterdir() if p.name.startswith("export-")]
+    assert sorted(p.name for p in e.iterdir()) == ["config.yaml", "mesh.json", "mesh.ply", "mesh_turntable.mp4", "turntable.mp4"]
+    assert json.loads((e / "mesh.json").read_text())["mesh_resolution"] == 20
+    # an iso-level above every density: a clear error, and no half-written export folder
+    assert run.main(["export", str(d), "iso_level=1e9", "--quiet"]) == 2
+    assert "no surface at iso-level" in capsys.readouterr().err
+    assert len([p for p in d.iterdir() if "export-" in p.name]) == 1
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeypatch, capsys):
+    from dreamfusion.fit import SDSObjective
+
+    forward = SDSObjective.forward
+
+    def diverging(self, step, progress, generator):
+        loss = forward(self, step, progress, generator)
+        return loss * float("nan") if step >= 2 else loss
+
+    monkeypatch.setattr(SDSObjective, "forward", diverging)
+    assert fit(tiny_sd, tmp_path, "steps=6") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nan" in err and "last good checkpoint (step 2)" in err, err
+    d = only_run(tmp_path)
+    state = load_file(str(d / "checkpoints" / "3d" / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("steps=0", "steps must be at least 1"),
+    ("resolution=0", "resolution must be a positive"),
+    ("guidance=-1", "guidance must be a finite number >= 0"),
+    ("mesh_resolution=100000", "mesh_resolution="),
+])
+def test_3d_bad_input(tiny_sd, tmp_path, capsys, override, message):
+    assert fit(tiny_sd, tmp_path, override) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "3d").exists() or not list((tmp_path / "3d").iterdir())
+
+
+def test_resume_and_export_bad_directories(tiny_sd, tmp_path, capsys):
+    def error(*argv) -> str:
+        assert run.main([*argv, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        return err
+
+    assert "not a 3d run directory" in error("3d", "--resume", str(tmp_path / "missing"))
+    assert "not a 3d run directory" in error("export", str(tmp_path / "missing"))
+    empty = tmp_path / "3d" / "empty"
+    empty.mkdir(parents=True)
+    (empty / "config.yaml").write_text(f"model: {tiny_sd}\nprompt: a red cube\n")
+    assert "holds no checkpoint" in error("3d", "--resume", str(empty))
+    assert "holds no field" in error("export", str(empty))
+    assert fit(tiny_sd, tmp_path / "ok") == 0
+    d = only_run(tmp_path / "ok")
+    assert "was made with guidance=10" in error("3d", "--resume", str(d), "guidance=20")

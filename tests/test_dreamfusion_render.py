@@ -1,0 +1,369 @@
+"""DreamFusion field, cameras, shading and renderers: hand-computed toy cases, ToyWorld agreement, GPU parity."""
+
+import math
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import repeat
+from torch import nn
+
+from dreamfusion.cameras import (CameraConfig, camera_rays, orbit_cameras, sample_cameras, view_names,
+                                 view_prompts)
+from dreamfusion.field import Background, FieldConfig, NeRFField
+from dreamfusion.renderer import (BatchedRenderer, NerfaccRenderer, RenderConfig, make_renderer, ray_aabb,
+                                  render_rays)
+from dreamfusion.shading import (EVAL_AMBIENT, EVAL_DIFFUSE, ShadingConfig, fixed_light, sample_shading,
+                                 shade)
+from pipelines.config import build
+from pipelines.errors import UserError
+from tests.conftest import requires_cuda
+from toyworld.render import AMBIENT, DIFFUSE, _light_dirs
+from toyworld.render import camera_rays as toyworld_camera_rays
+from toyworld.world import VIEWS, view_index
+
+BOUND = 1.5
+BG = torch.tensor([0.2, 0.4, 0.6])
+ALBEDO = torch.tensor([0.9, 0.5, 0.1])
+
+
+class BoxField(nn.Module):
+    """Constant density `sigma` and albedo where |x_k| < half[k] for every axis k, 0 elsewhere."""
+
+    def __init__(self, sigma: float, half=(BOUND, BOUND, BOUND)):
+        super().__init__()
+        self.sigma, self.half = sigma, torch.tensor(half)
+
+    def forward(self, x):
+        inside = (x.abs() < self.half).all(-1)
+        return torch.where(inside, self.sigma, 0.0), ALBEDO.expand(x.shape[0], 3)
+
+    def query_density(self, x):
+        return self(x)[0]
+
+    def normals(self, x, create_graph=False):
+        return torch.zeros_like(x)
+
+
+def fixed_bg(dirs, train, generator):
+    return BG.expand(dirs.shape[0], 3)
+
+
+def albedo_only(albedo, normals, points, ray_index):
+    return albedo
+
+
+def through_origin(dirs, distance=4.0):
+    dirs = F.normalize(dirs, dim=-1)
+    return -distance * dirs, dirs
+
+
+# ---------------------------------------------------------------- renderer: hand-computed cases
+
+def test_constant_cube_opacity_is_beer_lambert_and_colour_composites_the_background():
+    sigma = 0.7
+    origins, dirs = through_origin(torch.tensor([[1.0, 0, 0], [0, -1, 0], [1, 1, 1], [0.3, -0.8, 0.5], [-2, 1, 0.2]]))
+    # A ray through the centre crosses the cube over 2 * bound / max_k |d_k| (hand formula).
+    length = 2 * BOUND / dirs.abs().amax(-1, keepdim=True)  # (N, 1)
+    expected_opacity = 1 - torch.exp(-sigma * length)
+    renderer = BatchedRenderer(RenderConfig(samples_per_ray=32), BOUND)
+    for train in (False, True):  # stratified jitter moves samples, not interval lengths
+        out = renderer.render_rays(origins, dirs, BoxField(sigma), fixed_bg, albedo_only, train=train,
+                                   generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out["opacity"], expected_opacity, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["rgb"], expected_opacity * ALBEDO + (1 - expected_opacity) * BG, atol=1e-5, rtol=0)
+
+
+def test_rays_missing_the_cube_give_zero_opacity_and_exactly_the_background():
+    origins = torch.tensor([[0.0, 0, 5], [3, 3, 0], [0, 2, 0]])
+    dirs = F.normalize(torch.tensor([[1.0, 0, 0], [1, 1, 0], [0, 1, 0.1]]), dim=-1)  # parallel, away, away
+    out = BatchedRenderer(RenderConfig(samples_per_ray=8), BOUND).render_rays(
+        origins, dirs, BoxField(5.0), fixed_bg, albedo_only)
+    assert torch.equal(out["opacity"], torch.zeros(3, 1)) and torch.equal(out["rgb"], BG.expand(3, 3))
+    assert torch.equal(out["depth"], torch.zeros(3, 1))
+
+
+def test_slab_opacity_and_depth_match_the_hand_computed_sum():
+    # Ray down the z axis from z = 3: the cube spans t in [1.5, 4.5]; 60 intervals of 0.05 put
+    # exactly 20 sample midpoints inside the slab |z| < 0.5 (t in [2.5, 3.5]).
+    sigma, delta = 2.0, 0.05
+    origins, dirs = torch.tensor([[0.2, -0.3, 3.0]]), torch.tensor([[0.0, 0, -1]])
+    out = BatchedRenderer(RenderConfig(samples_per_ray=60), BOUND).render_rays(
+        origins, dirs, BoxField(sigma, half=(BOUND, BOUND, 0.5)), fixed_bg, albedo_only)
+    assert out["opacity"].item() == pytest.approx(1 - math.exp(-sigma * 1.0), abs=1e-5)
+    alpha = 1 - math.exp(-sigma * delta)
+    depth = sum(math.exp(-sigma * delta * k) * alpha * (2.5 + (k + 0.5) * delta) for k in range(20))
+    assert out["depth"].item() == pytest.approx(depth, abs=1e-4)
+
+
+def test_chunks_give_the_same_image_and_global_ray_indices():
+    sigma, n = 1.3, 50
+    origins, dirs = through_origin(torch.randn(n, 3, generator=torch.Generator().manual_seed(1)))
+    by_index = lambda albedo, normals, points, ray_index: repeat(ray_index.float() / n, "m -> m 3")
+    renderer = BatchedRenderer(RenderConfig(samples_per_ray=16), BOUND)
+    whole = renderer.render_rays(origins, dirs, BoxField(sigma), fixed_bg, by_index)
+    chunked = renderer.render_rays(origins, dirs, BoxField(sigma), fixed_bg, by_index, chunk=7)
+    for key in whole:
+        torch.testing.assert_close(chunked[key], whole[key])
+    op = whole["opacity"]
+    torch.testing.assert_close(whole["rgb"], op * torch.arange(n)[:, None] / n + (1 - op) * BG, atol=1e-5, rtol=0)
+
+
+def test_functional_render_rays_uses_the_given_renderer_or_a_batched_one():
+    origins, dirs = through_origin(torch.eye(3))
+    renderer = BatchedRenderer(RenderConfig(samples_per_ray=8), BOUND)
+    a = render_rays(origins, dirs, BoxField(1.0), fixed_bg, albedo_only, cfg=RenderConfig(), renderer=renderer)
+    b = render_rays(origins, dirs, BoxField(1.0), fixed_bg, albedo_only, cfg=RenderConfig(samples_per_ray=8), bound=BOUND)
+    torch.testing.assert_close(a["rgb"], b["rgb"])
+    with pytest.raises(ValueError):
+        render_rays(origins, dirs, BoxField(1.0), fixed_bg, albedo_only, cfg=RenderConfig())
+
+
+def test_ray_aabb_starts_inside_rays_at_zero():
+    near, far = ray_aabb(torch.zeros(1, 3), torch.tensor([[0.0, 1, 0]]), BOUND)
+    assert near.item() == 0 and far.item() == pytest.approx(BOUND)
+
+
+# ---------------------------------------------------------------- field
+
+@pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
+def test_blob_is_dense_at_the_centre_and_empty_outside_the_cube(encoding):
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(encoding=encoding, hash_log2_size=12))
+    density = field.query_density(torch.tensor([[0.0, 0, 0], [1.4, 0, 0], [0, 1.6, 0]]))
+    assert density[0] > 5 and density[0] > 100 * density[1] and density[2] == 0
+
+
+@pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
+def test_normals_on_the_blob_point_outward(encoding):
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(encoding=encoding, hash_log2_size=12))
+    x = 0.3 * F.normalize(torch.randn(200, 3, generator=torch.Generator().manual_seed(2)), dim=-1)
+    with torch.no_grad():  # normals enable grad locally
+        n = field.normals(x)
+    assert torch.allclose(n.norm(dim=-1), torch.ones(200), atol=1e-5)
+    assert (n * F.normalize(x, dim=-1)).sum(-1).min() > 0.9  # radial: the density falls outward
+
+
+@pytest.mark.parametrize("activation", ["softplus", "exp"])
+def test_gradients_reach_every_parameter_through_rendering_and_normals(activation):
+    torch.manual_seed(0)
+    cfg = FieldConfig(density_activation=activation, hidden=16)
+    field, background = NeRFField(cfg), Background(cfg)
+    cams = orbit_cameras(1, elevation_deg=20.0)
+    origins, dirs = (x.reshape(-1, 3) for x in camera_rays(cams, 8))
+    shading = sample_shading(10, ShadingConfig(ambient_only_steps=0, albedo_prob=0.0, textureless_prob=0.0), cams)
+    shading_fn = lambda albedo, normals, points, ray_index: shade(
+        albedo, normals, points, shading.light[0].expand_as(points), shading.mode, 0.1, 0.9)
+    out = BatchedRenderer(RenderConfig(samples_per_ray=16), cfg.bound).render_rays(
+        origins, dirs, field, background, shading_fn, train=True, need_normals=True)
+    assert shading.mode == "lambertian" and (out["normal"].norm(dim=-1) > 0).any()
+    (out["rgb"].mean() + out["orientation"].mean() + out["normal"].square().mean()).backward()
+    for name, p in list(field.named_parameters()) + list(background.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_background_modes():
+    dirs = F.normalize(torch.randn(5, 3), dim=-1)
+    fixed = Background(FieldConfig(background="fixed"))
+    assert torch.equal(fixed(dirs, True, None), torch.full((5, 3), 0.92))
+    rand = Background(FieldConfig(background="random"))
+    a = rand(dirs, True, torch.Generator().manual_seed(3))
+    assert torch.equal(a, a[:1].expand(5, 3)) and torch.equal(a, rand(dirs, True, torch.Generator().manual_seed(3)))
+    assert torch.equal(rand(dirs, False, None), torch.full((5, 3), 0.92))
+    mlp = Background(FieldConfig(background="mlp"))(dirs)
+    assert mlp.shape == (5, 3) and ((mlp > 0) & (mlp < 1)).all()
+
+
+def test_configs_reject_bad_values_with_one_line_errors():
+    bad = [FieldConfig(encoding="grid"), FieldConfig(bound=0.0), FieldConfig(background="sky"),
+           FieldConfig(density_activation="relu"), CameraConfig(fov_range=(50.0, 40.0)),
+           CameraConfig(elevation_range=(0.0, 90.0)), ShadingConfig(albedo_prob=1.5),
+           RenderConfig(samples_per_ray=0), RenderConfig(renderer="optix")]
+    for cfg in bad:
+        with pytest.raises(UserError) as err:
+            cfg.validate()
+        assert "\n" not in str(err.value)
+    for cfg in (FieldConfig(), CameraConfig(), ShadingConfig(), RenderConfig()):
+        cfg.validate()
+    assert build(CameraConfig, {"elevation_range": [0, 30]}).elevation_range == (0.0, 30.0)
+
+
+# ---------------------------------------------------------------- cameras
+
+def test_zero_jitter_rays_match_toyworld():
+    cams = sample_cameras(4, CameraConfig(), torch.Generator().manual_seed(0))
+    ours = camera_rays(cams, 8)
+    theirs = toyworld_camera_rays(cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg, 8)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    orbit = orbit_cameras(3, elevation_deg=30.0, distance=3.0, fov_deg=40.0)
+    assert orbit.azimuth_deg.tolist() == [0.0, 120.0, 240.0]
+    theirs = toyworld_camera_rays(orbit.azimuth_deg, orbit.elevation_deg, orbit.distance, orbit.fov_deg, 4)
+    torch.testing.assert_close(camera_rays(orbit, 4)[1], theirs[1], atol=1e-6, rtol=0)
+
+
+def test_view_names_agree_with_toyworld_view_index():
+    az, el = torch.meshgrid(torch.arange(-360.0, 361.0, 7.5), torch.arange(-10.0, 86.0, 5.0), indexing="ij")
+    names = view_names(az.flatten(), el.flatten(), CameraConfig())
+    assert names == [VIEWS[i] for i in view_index(az.flatten(), el.flatten()).tolist()]
+    assert set(names) == {"front", "side", "back", "overhead"}
+    assert view_prompts("a red cube", ["front", "overhead"]) == ["a red cube, front view", "a red cube, overhead view"]
+
+
+def test_sampled_cameras_stay_in_their_ranges_and_are_orthonormal():
+    cfg = CameraConfig(elevation_range=(5.0, 30.0), azimuth_range=(-90.0, 45.0), distance_range=(2.0, 2.5),
+                       fov_range=(20.0, 30.0))
+    cams = sample_cameras(256, cfg, torch.Generator().manual_seed(0))
+    for name, (lo, hi) in [("elevation_deg", cfg.elevation_range), ("azimuth_deg", cfg.azimuth_range),
+                           ("distance", cfg.distance_range), ("fov_deg", cfg.fov_range)]:
+        values = getattr(cams, name)
+        assert values.min() >= lo and values.max() <= hi, name
+    torch.testing.assert_close(cams.eye.norm(dim=-1), cams.distance)
+    jittered = sample_cameras(64, CameraConfig(center_jitter=0.1, position_jitter=0.1, up_jitter=0.05),
+                              torch.Generator().manual_seed(0))
+    axes = torch.stack([jittered.right, jittered.up, jittered.forward], -1)  # (B, 3, 3)
+    torch.testing.assert_close(axes.transpose(1, 2) @ axes, torch.eye(3).expand(64, 3, 3), atol=1e-5, rtol=0)
+    assert not torch.allclose(jittered.forward, F.normalize(-jittered.eye, dim=-1))
+
+
+# ---------------------------------------------------------------- shading
+
+def test_lambertian_and_textureless_shading():
+    albedo = torch.tensor([[0.8, 0.4, 0.2], [0.1, 0.9, 0.5]])
+    normals, points = torch.tensor([[0.0, 0, 1]]).expand(2, 3), torch.zeros(2, 3)
+    behind, above = torch.tensor([[0.0, 0, -5]]).expand(2, 3), torch.tensor([[0.0, 0, 5]]).expand(2, 3)
+    torch.testing.assert_close(shade(albedo, normals, points, behind, "lambertian", 0.1, 0.9), 0.1 * albedo)
+    torch.testing.assert_close(shade(albedo, normals, points, above, "lambertian", 0.1, 0.9), albedo)
+    textureless = shade(albedo, normals, points, above, "textureless", 0.1, 0.6)
+    torch.testing.assert_close(textureless, torch.full((2, 3), 0.7))  # the same for both albedos
+    assert torch.equal(shade(albedo, None, points, above, "albedo", 0.1, 0.9), albedo)
+    with pytest.raises(ValueError):
+        shade(albedo, None, points, above, "lambertian", 0.1, 0.9)
+
+
+def test_sampled_shading_warms_up_on_albedo_and_lights_sit_near_the_camera():
+    cams = sample_cameras(16, CameraConfig(), torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    assert {sample_shading(s, ShadingConfig(), cams, gen).mode for s in range(50)} == {"albedo"}
+    modes = [sample_shading(1000, ShadingConfig(), cams, gen).mode for _ in range(300)]
+    assert 0.1 < modes.count("albedo") / 300 < 0.3 and 0.22 < modes.count("textureless") / 300 < 0.42
+    light = sample_shading(0, ShadingConfig(light_jitter=0.0), cams, gen).light
+    ratio = light.norm(dim=-1) / cams.distance
+    assert ((ratio >= 0.8 - 1e-5) & (ratio <= 1.5 + 1e-5)).all()
+    torch.testing.assert_close(F.normalize(light, dim=-1), F.normalize(cams.eye, dim=-1))
+
+
+def test_fixed_light_is_toyworlds_key_light():
+    cams = orbit_cameras(4, elevation_deg=25.0)
+    scene = SimpleNamespace(azimuth_deg=cams.azimuth_deg, elevation_deg=cams.elevation_deg,
+                            distance=cams.distance, yaw_deg=torch.zeros(4))
+    torch.testing.assert_close(F.normalize(fixed_light(cams), dim=-1), _light_dirs(scene))
+    assert (EVAL_AMBIENT, EVAL_DIFFUSE) == (AMBIENT, DIFFUSE)
+
+
+# ---------------------------------------------------------------- renderer choice and the nerfacc wiring
+
+def test_make_renderer_picks_batched_on_cpu_and_refuses_nerfacc_there():
+    assert isinstance(make_renderer("cpu", RenderConfig(), BOUND), BatchedRenderer)
+    with pytest.raises(UserError):
+        make_renderer("cpu", RenderConfig(renderer="nerfacc"), BOUND)
+
+
+def _fake_nerfacc(samples_per_ray: int) -> types.ModuleType:
+    """A CPU stand-in with nerfacc 0.5's signatures and maths, whose estimator returns the batched
+    renderer's equal intervals (the real one, on CUDA, is checked against the batched renderer below)."""
+    fake = types.ModuleType("nerfacc")
+
+    class OccGridEstimator:
+        def __init__(self, roi_aabb, resolution, levels):
+            self.updates = []
+
+        def to(self, device):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def update_every_n_steps(self, step, occ_eval_fn, occ_thre, n):
+            if step % n == 0:
+                self._update(step, occ_eval_fn, occ_thre)
+
+        def _update(self, step, occ_eval_fn, occ_thre):
+            assert occ_eval_fn(torch.rand(10, 3)).shape == (10, 1)
+            self.updates.append(step)
+
+        @torch.no_grad()
+        def sampling(self, rays_o, rays_d, sigma_fn, t_min, t_max, render_step_size, alpha_thre, stratified):
+            edges = t_min[:, None] + (t_max - t_min)[:, None] * torch.linspace(0, 1, samples_per_ray + 1)
+            keep = repeat(t_max > t_min, "n -> n s", s=samples_per_ray)
+            ray_indices = repeat(torch.arange(len(rays_o)), "n -> n s", s=samples_per_ray)[keep]
+            t_starts, t_ends = edges[:, :-1][keep], edges[:, 1:][keep]
+            assert sigma_fn(t_starts, t_ends, ray_indices).shape == t_starts.shape
+            return ray_indices, t_starts, t_ends
+
+    def accumulate_along_rays(weights, values, ray_indices, n_rays):
+        src = weights[:, None] if values is None else weights[:, None] * values
+        return src.new_zeros(n_rays, src.shape[-1]).index_add(0, ray_indices, src)
+
+    def rendering(t_starts, t_ends, ray_indices, n_rays, rgb_sigma_fn):
+        rgbs, sigmas = rgb_sigma_fn(t_starts, t_ends, ray_indices)
+        tau = sigmas * (t_ends - t_starts)
+        before = torch.cumsum(tau, 0) - tau  # samples of a ray are contiguous: subtract the ray's start
+        start = before.new_zeros(n_rays).scatter_reduce(0, ray_indices, before, "amin", include_self=False)
+        weights = torch.exp(-(before - start[ray_indices])) * (1 - torch.exp(-tau))
+        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
+        return accumulate_along_rays(weights, rgbs, ray_indices, n_rays), opacity, None, {"weights": weights}
+
+    fake.OccGridEstimator, fake.rendering, fake.accumulate_along_rays = OccGridEstimator, rendering, accumulate_along_rays
+    return fake
+
+
+def test_nerfacc_renderer_wiring_matches_batched_with_a_stand_in_nerfacc(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nerfacc", _fake_nerfacc(16))
+    torch.manual_seed(0)
+    cfg = FieldConfig(hidden=16, background="fixed")
+    field, background = NeRFField(cfg), Background(cfg)
+    origins, dirs = (x.reshape(-1, 3) for x in camera_rays(orbit_cameras(2, distance=3.0), 6))
+    shading_fn = lambda albedo, normals, points, ray_index: shade(
+        albedo, normals, points, torch.full_like(points, 5.0) * (1 + ray_index[:, None]), "lambertian", 0.1, 0.9)
+    render_cfg = RenderConfig(samples_per_ray=16, stratified=False)
+    nerfacc_renderer = NerfaccRenderer(render_cfg, cfg.bound, "cpu")
+    a = nerfacc_renderer.render_rays(origins, dirs, field, background, shading_fn, need_normals=True, chunk=25)
+    b = BatchedRenderer(render_cfg, cfg.bound).render_rays(origins, dirs, field, background, shading_fn,
+                                                            need_normals=True)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+    assert nerfacc_renderer.estimator.updates == [0]  # the first render filled the empty grid
+    nerfacc_renderer.update(32, field)
+    nerfacc_renderer.update(33, field)
+    assert nerfacc_renderer.estimator.updates == [0, 32]
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_nerfacc_and_batched_renderers_agree_on_cuda():
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = FieldConfig(background="fixed")
+    field, background = NeRFField(cfg).to(device), Background(cfg).to(device)
+    cams = sample_cameras(2, CameraConfig(), torch.Generator().manual_seed(0), device)
+    origins, dirs = (x.reshape(-1, 3) for x in camera_rays(cams, 32))  # 2048 rays
+    fine = RenderConfig(samples_per_ray=1024, render_step_size=0.005, alpha_threshold=0.0, occupancy_threshold=1e-4)
+    nerfacc_renderer = make_renderer(device, fine, cfg.bound)
+    assert isinstance(nerfacc_renderer, NerfaccRenderer)
+    nerfacc_renderer.refresh(field)
+    with torch.no_grad():
+        a = nerfacc_renderer.render_rays(origins, dirs, field, background, albedo_only)
+        b = BatchedRenderer(fine, cfg.bound).render_rays(origins, dirs, field, background, albedo_only, chunk=512)
+    assert (a["opacity"] > 0.5).any() and (a["opacity"] < 0.01).any()  # the blob and empty space are both in view
+    assert (a["rgb"] - b["rgb"]).abs().mean() < 0.02 and (a["opacity"] - b["opacity"]).abs().mean() < 0.02
+    # training path, on rays through the blob: normals with create_graph, gradients through packed rendering
+    solid = (b["opacity"][:, 0] > 0.5).nonzero()[:256, 0]
+    out = nerfacc_renderer.render_rays(origins[solid], dirs[solid], field, background, albedo_only, train=True,
+                                       need_normals=True)
+    (out["rgb"].mean() + out["orientation"].mean()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in field.parameters())

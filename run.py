@@ -26,6 +26,7 @@ from pipelines.errors import UserError
 from pipelines.image import ImageConfig
 from dreamfusion.config import ExportConfig, ThreeDConfig
 from toyworld.evaluate import EvalImageConfig
+from toyworld.evaluate_3d import Eval3DConfig
 from toyworld.evaluate_video import EvalVideoConfig
 from toyworld.judge import TrainJudgeConfig
 from toyworld.train_prior import TrainPriorConfig
@@ -69,6 +70,8 @@ JOBS: dict[str, dict[str | None, Job]] = {
                      "the prior's images of every colour x shape prompt, scored by the judge"),
         "video": Job(EvalVideoConfig, "eval_video", "toyworld.evaluate_video",
                      "clips of colour x shape x motion prompts: judge per frame, motion from silhouettes"),
+        "3d": Job(Eval3DConfig, "3d", "toyworld.evaluate_3d",
+                  "3D assets of colour x shape prompts: mesh IoU against the true primitive, judge on renders, views"),
     },
 }
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

@@ -1,0 +1,51 @@
+"""`eval 3d`: the volumetric IoU against ToyWorld's primitives, and a smoke run of the whole report."""
+
+import json
+import math
+
+import torch
+import trimesh
+
+import run
+from dreamfusion.export import extract_mesh
+from toyworld.evaluate_3d import volumetric_iou
+from toyworld.render import SDFS
+
+
+def primitive_mesh(shape: str, scale=1.0, shift=(0.0, 0.0, 0.0), yaw_deg=0.0, resolution=48) -> trimesh.Trimesh:
+    """Marching cubes on a ToyWorld SDF, then scaled, turned about z and moved."""
+    axis = (torch.arange(resolution) + 0.5) / resolution * 3 - 1.5
+    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    grid = (-SDFS[shape](pts)).reshape(resolution, resolution, resolution)  # "density": high inside
+    mesh = extract_mesh(grid, 1.5, 0.0)
+    a = math.radians(yaw_deg)
+    turn = trimesh.transformations.rotation_matrix(a, [0, 0, 1])
+    mesh.apply_transform(turn)
+    mesh.apply_scale(scale)
+    mesh.apply_translation(shift)
+    return mesh
+
+
+def test_iou_is_one_for_the_primitive_itself_after_moving_scaling_and_turning():
+    for shape in ("cube", "cone", "torus"):
+        mesh = primitive_mesh(shape, scale=0.7, shift=(0.3, -0.2, 0.5), yaw_deg=40)
+        assert volumetric_iou(mesh, shape, resolution=48, rotations=36) > 0.85, shape
+
+
+def test_iou_tells_shapes_apart():
+    cube = primitive_mesh("cube")
+    assert volumetric_iou(cube, "cube", 48) - volumetric_iou(cube, "torus", 48) > 0.3
+    assert volumetric_iou(primitive_mesh("sphere"), "cone", 48) < volumetric_iou(primitive_mesh("cone"), "cone", 48)
+
+
+def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
+    assert run.main(["eval", "3d", f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=1", "steps=2",
+                     "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
+                     "turntable_size=16", "encode_size=16", "val_every=0", "views=4", "iou_resolution=16",
+                     "rotations=4", "--out", str(tmp_path), "--quiet"]) == 0
+    [d] = list((tmp_path / "eval").iterdir())
+    report = json.loads((d / "report.json").read_text())
+    s = report["summary"]
+    assert s["assets"] == 1 and 0 <= s["median_iou"] <= 1 and set(s["passes"]) >= {"median_iou", "view_agreement"}
+    assert len(report["assets"][0]["color"]) == 4 and (d / "turntables.png").is_file() and (d / "report.md").is_file()
+    assert [p.name for p in (d / "3d").iterdir()]  # the fitted run is kept next to the report

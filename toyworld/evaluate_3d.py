@@ -1,0 +1,185 @@
+"""`python run.py eval 3d`: are the 3D assets the right shape, the right colour, and one object from every side?
+
+For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted exactly as `python run.py 3d`
+makes them (each run directory is kept under the eval's folder). The report (report.json, report.md,
+turntables.png) covers:
+- geometry: volumetric IoU between the exported mesh and the ground-truth primitive (ToyWorld's SDF at
+  unit scale), after moving both to their centroid, scaling both to unit volume, and taking the best of
+  `rotations` turns about the vertical axis;
+- appearance: the judge's colour and shape on renders of the mesh from `views` azimuths (plain-PyTorch
+  rasterizer, ToyWorld's camera and light);
+- multi-view consistency (a Janus check): the judge's view (front / side / back) on the NeRF's own
+  turntable renders against the true camera view: an asset with a face on every side fails it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import trimesh
+from einops import rearrange
+
+from dreamfusion.cameras import orbit_cameras, view_names
+from dreamfusion.config import ThreeDConfig
+from dreamfusion.export import render_mesh
+from dreamfusion.fit import fit, load_asset, render_views
+from dreamfusion.renderer import make_renderer
+from pipelines.config import option, to_dict
+from pipelines.errors import UserError
+from pipelines.image import to_pil
+from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, save_image, versions, write_json, write_text, write_yaml
+
+from .judge import DEFAULT_PATH, load_judge
+from .render import SDFS
+from .world import COLOR_NAMES, SHAPES, VIEWS
+
+logger = logging.getLogger(__name__)
+BARS = {"median_iou": 0.6, "min_shape_iou": 0.4, "color_accuracy": 0.9, "shape_accuracy": 0.8, "view_agreement": 0.7}
+
+
+@dataclass
+class Eval3DConfig(ThreeDConfig):
+    seeds: int = option(2, "assets fitted per prompt (seeds seed, seed + 1, ...)")
+    colors: tuple[str, ...] = option((), "colours of the prompt grid; [] for all")
+    shapes: tuple[str, ...] = option((), "shapes of the prompt grid; [] for all")
+    judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
+    iou_resolution: int = option(64, "sample points per side of the IoU grid")
+    rotations: int = option(36, "turns about the vertical axis tried for the best IoU")
+    views: int = option(8, "azimuths of the mesh renders the judge scores")
+    judge_elevation: float = option(15.0, "camera elevation of the judged renders, degrees")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1 or self.views < 1:
+            raise UserError("seeds, rotations and views must be at least 1, iou_resolution at least 8")
+        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES)):
+            unknown = [x for x in getattr(self, name) if x not in known]
+            if unknown:
+                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+
+    def grid(self) -> list[tuple[int, int]]:
+        pick = lambda chosen, known: [i for i, x in enumerate(known) if not chosen or x in chosen]
+        return [(c, s) for c in pick(self.colors, COLOR_NAMES) for s in pick(self.shapes, SHAPES)]
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def _normalised(points: torch.Tensor, inside: torch.Tensor, cell: float) -> tuple[torch.Tensor, float]:
+    """Centroid (3,) and the scale that gives the occupied set unit volume."""
+    if inside.sum() == 0:
+        return torch.zeros(3), 1.0
+    return points[inside].mean(0), float((inside.sum() * cell ** 3) ** (1 / 3))
+
+
+def _grid(resolution: int, half: float) -> tuple[torch.Tensor, float]:
+    axis = (torch.arange(resolution, dtype=torch.float64) + 0.5) / resolution * 2 * half - half
+    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    return pts, 2 * half / resolution
+
+
+def _rotate_z(p: torch.Tensor, angle: float) -> torch.Tensor:
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1], p[:, 2]], -1)
+
+
+def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rotations: int = 36) -> float:
+    """IoU of the mesh's solid and the ground-truth primitive, both normalised (module docstring)."""
+    sdf = SDFS[shape]
+    # the ground truth's centroid and volume, from its SDF on a fine grid
+    gt_pts, gt_cell = _grid(resolution, 1.5)
+    gt_inside = sdf(gt_pts.float()) < 0
+    gt_c, gt_s = _normalised(gt_pts, gt_inside, gt_cell)
+    # the mesh's solid, voxelised (filled), and its centroid and volume
+    pitch = float(mesh.extents.max()) / resolution
+    solid = mesh.voxelized(pitch).fill()
+    occupied = torch.from_numpy(np.asarray(solid.points, dtype=np.float64))
+    if len(occupied) == 0:
+        return 0.0
+    m_c, m_s = occupied.mean(0), float((len(occupied) * pitch ** 3) ** (1 / 3))
+    # compare on one grid in normalised space: y -> mesh at m_c + m_s y, ground truth at gt_c + gt_s R y
+    y, _ = _grid(resolution, 1.0)
+    in_mesh = torch.from_numpy(solid.is_filled((m_c + m_s * y).numpy()))
+    best = 0.0
+    for k in range(rotations):
+        in_gt = sdf((gt_c + gt_s * _rotate_z(y, 2 * math.pi * k / rotations)).float()) < 0
+        union = (in_mesh | in_gt).sum()
+        best = max(best, float((in_mesh & in_gt).sum() / union) if union else 0.0)
+    return best
+
+
+# -------------------------------------------------------------------------------------------- eval
+def score_asset(run_dir: Path, shape: str, cfg: Eval3DConfig, judge, device) -> dict:
+    """IoU, the judge on mesh renders, and the judge's view on NeRF renders, for one fitted asset."""
+    mesh = trimesh.load(run_dir / "mesh.ply", force="mesh")
+    saved = replace(cfg)  # the fit's own options are cfg's (the eval fits with them)
+    cams = orbit_cameras(cfg.views, cfg.judge_elevation, sum(cfg.distance_range) / 2, sum(cfg.fov_range) / 2, "cpu")
+    mesh_views = render_mesh(mesh, cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg, judge.image_size)
+    asset = load_asset(run_dir, saved, device)
+    nerf_views = render_views(asset, make_renderer(device, saved, saved.bound), cams.to(device), judge.image_size, saved).cpu()
+    on_mesh, on_nerf = judge.predict(mesh_views), judge.predict(nerf_views)
+    true_views = torch.tensor([VIEWS.index(v) for v in view_names(cams.azimuth_deg, cams.elevation_deg, cfg)])
+    return {"iou": round(volumetric_iou(mesh, shape, cfg.iou_resolution, cfg.rotations), 4),
+            "color": on_mesh["color"].tolist(), "shape": on_mesh["shape"].tolist(),
+            "view_hits": (on_nerf["view"] == true_views).tolist(), "mesh_views": mesh_views, "nerf_views": nerf_views}
+
+
+def summarise(rows: list[dict]) -> dict:
+    ious = torch.tensor([r["iou"] for r in rows])
+    per_shape = {s: float(torch.tensor([r["iou"] for r in rows if r["shape_name"] == s]).median())
+                 for s in dict.fromkeys(r["shape_name"] for r in rows)}
+    color = [c == r["color_index"] for r in rows for c in r["color"]]
+    shape = [s == r["shape_index"] for r in rows for s in r["shape"]]
+    views = [v for r in rows for v in r["view_hits"]]
+    out = {"assets": len(rows), "median_iou": round(float(ious.median()), 4), "per_shape_iou": per_shape,
+           "min_shape_iou": round(min(per_shape.values()), 4), "color_accuracy": round(sum(color) / len(color), 4),
+           "shape_accuracy": round(sum(shape) / len(shape), 4), "view_agreement": round(sum(views) / len(views), 4)}
+    out["passes"] = {k: out[k] >= bar for k, bar in BARS.items()}
+    return out
+
+
+def markdown(report: dict) -> str:
+    s = report["summary"]
+    lines = ["# eval 3d", "", f"{s['assets']} assets; bars from the 3D issue.", "", "| metric | value | bar | pass |",
+             "|---|---|---|---|"]
+    lines += [f"| {k} | {s[k]:.3f} | {bar} | {'yes' if s['passes'][k] else 'no'} |" for k, bar in BARS.items()]
+    lines += ["", "| shape | median IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
+    lines += ["", "| prompt | seed | IoU | colour | shape | view |", "|---|---|---|---|---|---|"]
+    for r in report["assets"]:
+        n = len(r["color"])
+        lines.append(f"| {r['prompt']} | {r['seed']} | {r['iou']:.3f} | {sum(c == r['color_index'] for c in r['color'])}/{n} "
+                     f"| {sum(x == r['shape_index'] for x in r['shape'])}/{n} | {sum(r['view_hits'])}/{len(r['view_hits'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
+    device = pick_device(cfg.device)
+    judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
+    timer = Timer()
+    eval_dir = make_run_dir(out, "eval", "3d")
+    write_yaml(eval_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    rows, strips = [], []
+    fit_cfg = ThreeDConfig(**{k: v for k, v in to_dict(cfg).items() if k in ThreeDConfig.__dataclass_fields__})
+    for c, s in cfg.grid():
+        prompt = f"a {COLOR_NAMES[c]} {SHAPES[s]}"
+        for k in range(cfg.seeds):
+            with timer("fit"):
+                run_dir = fit(replace(fit_cfg, seed=cfg.seed + k), prompt, eval_dir, progress)
+            with timer("score"):
+                scored = score_asset(run_dir, SHAPES[s], cfg, judge, device)
+            strips.append(torch.cat([scored.pop("nerf_views"), scored.pop("mesh_views")], -2))  # NeRF above mesh
+            rows.append({"prompt": prompt, "seed": cfg.seed + k, "color_index": c, "shape_index": s,
+                         "shape_name": SHAPES[s], "run": run_dir.name, **scored})
+            logger.info("%s (seed %d): IoU %.3f", prompt, cfg.seed + k, scored["iou"])
+    report = {"summary": summarise(rows), "assets": rows, "judge": cfg.judge, "judge_metrics": judge.metrics}
+    write_json(eval_dir / "report.json", report)
+    write_text(eval_dir / "report.md", markdown(report))
+    sheet = rearrange(torch.stack(strips), "a v c h w -> c (a h) (v w)")  # one row per asset: NeRF over mesh
+    save_image(eval_dir / "turntables.png", to_pil(sheet[None])[0])
+    write_json(eval_dir / "metadata.json", {"job": "eval 3d", "timings_s": timer.stages, "versions": versions(),
+                                            "command": command_line()})
+    logger.info("eval 3d: %s", {k: v for k, v in report["summary"].items() if k != "per_shape_iou"})
+    return eval_dir

@@ -64,3 +64,15 @@ def test_config_file_layer(tmp_path):
     f.write_text("stepz: 7\n")
     with pytest.raises(UserError, match="did you mean 'steps'"):
         load(ImageConfig, "image", [], config_file=str(f))
+
+
+def test_model_preset_carries_its_own_3d_recipe():
+    """configs/models/sd15.yaml's `3d:` section applies after configs/3d.yaml (ToyWorld's) and before overrides."""
+    from dreamfusion.config import ThreeDConfig
+    from pipelines import config
+
+    toy = config.load(ThreeDConfig, "3d", [])
+    sd = config.load(ThreeDConfig, "3d", ["model=sd15"])
+    assert (toy.distance_range, toy.background, toy.encode_size) == ((3.2, 3.8), "fixed", None)
+    assert (sd.steps, sd.encode_size, sd.guidance, sd.background, sd.encoding) == (10000, 512, 100.0, "mlp", "hashgrid")
+    assert config.load(ThreeDConfig, "3d", ["model=sd15", "steps=7"]).steps == 7

@@ -43,6 +43,8 @@ class FieldConfig:
     bound: float = option(1.5, "the field lives in the cube [-bound, bound]^3 (density 0 outside)")
     encoding: str = option("frequency", "point encoding: frequency (NeRF positional) or hashgrid (Instant-NGP)")
     frequencies: int = option(6, "frequency encoding: number of octaves (sin/cos of 2^k pi x)")
+    frequency_anneal: float = option(0.0, "frequency encoding: open the octaves coarse to fine over this fraction "
+                                          "of the steps (BARF / threestudio's progressive band); 0 opens all at once")
     hash_levels: int = option(12, "hashgrid: number of resolution levels")
     hash_features: int = option(2, "hashgrid: features per level")
     hash_log2_size: int = option(15, "hashgrid: log2 of the hash table size per level")
@@ -53,6 +55,8 @@ class FieldConfig:
     blob_density: float = option(10.0, "Magic3D density blob: peak added to the raw density at the centre")
     blob_radius: float = option(0.5, "Magic3D density blob: radius where the added density crosses 0")
     density_activation: str = option("softplus", "softplus, or exp (truncated exp with clamped gradient)")
+    normals: str = option("autograd", "normals from the density gradient: autograd (exact) or finite_difference")
+    normal_eps: float = option(0.01, "finite_difference normals: stencil size in world units")
     background: str = option("mlp", "mlp (environment MLP over ray direction), fixed (grey) or random (per call)")
     background_color: float = option(0.92, "grey level of the fixed background (and of random at eval)")
 
@@ -62,11 +66,16 @@ class FieldConfig:
         _choice("encoding", self.encoding, ENCODINGS)
         _choice("density_activation", self.density_activation, DENSITY_ACTIVATIONS)
         _choice("background", self.background, BACKGROUNDS)
+        _choice("normals", self.normals, ("autograd", "finite_difference"))
+        if not self.normal_eps > 0:
+            raise UserError(f"normal_eps must be positive, got {self.normal_eps}")
         for name in ("hash_levels", "hash_features", "hidden", "layers"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.frequencies < 0:
             raise UserError(f"frequencies must be >= 0, got {self.frequencies}")
+        if not 0 <= self.frequency_anneal <= 1:
+            raise UserError(f"frequency_anneal must be a fraction of the steps in [0, 1], got {self.frequency_anneal}")
         if not 4 <= self.hash_log2_size <= 24:
             raise UserError(f"hash_log2_size must be between 4 and 24, got {self.hash_log2_size}")
         if not 2 <= self.hash_base_resolution <= self.hash_max_resolution:
@@ -86,16 +95,30 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 # ---------------------------------------------------------------- encodings
 
 class FrequencyEncoding(nn.Module):
-    """NeRF positional encoding of points in [-1, 1]^3: [x, sin(2^k pi x), cos(2^k pi x)] for k < octaves."""
+    """NeRF positional encoding of points in [-1, 1]^3: [x, sin(2^k pi x), cos(2^k pi x)] for k < octaves.
+
+    Octave k is weighted by (1 - cos(pi clamp(alpha - k, 0, 1))) / 2 (BARF, Lin et al. 2021): with
+    `alpha` growing from 0 to `octaves` during a fit, the field is smooth first and gains detail later,
+    which keeps SDS from carving the axis-aligned ripples high octaves otherwise print on a shape.
+    `alpha` is a saved buffer, so a resumed or exported field has the octaves it was trained with.
+    """
 
     def __init__(self, octaves: int):
         super().__init__()
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False)
+        self.register_buffer("alpha", torch.tensor(float(octaves)))  # all octaves open
         self.out_dim = 3 + 6 * octaves
 
     def forward(self, x: Tensor) -> Tensor:
-        angles = rearrange(x[..., None] * self.freqs, "n c f -> n (c f)")  # (N, 3F)
-        return torch.cat([x, angles.sin(), angles.cos()], dim=-1)  # (N, 3 + 6F)
+        k = torch.arange(len(self.freqs), device=x.device, dtype=x.dtype)
+        weight = (1 - torch.cos(math.pi * (self.alpha.to(x.dtype) - k).clamp(0, 1))) / 2  # (F,)
+        angles = x[..., None] * self.freqs  # (N, 3, F)
+        feats = [angles.sin() * weight, angles.cos() * weight]
+        return torch.cat([x] + [rearrange(f, "n c f -> n (c f)") for f in feats], dim=-1)  # (N, 3 + 6F)
+
+    def anneal(self, fraction: float) -> None:
+        """Open the octaves up to `fraction` (0..1) of the way."""
+        self.alpha.fill_(len(self.freqs) * min(max(fraction, 0.0), 1.0))
 
 
 class HashGridEncoding(nn.Module):
@@ -202,11 +225,18 @@ class NeRFField(nn.Module):
     def normals(self, x: Tensor, create_graph: bool = False) -> Tensor:
         """Unit normals (N, 3) = -normalize(d density / dx) (DreamFusion sec. 3.1).
 
-        Grad is enabled locally, so this also works under torch.no_grad (not under
-        torch.inference_mode). With create_graph=True the normals stay differentiable with
-        respect to the parameters (for shading and the orientation loss in training).
-        Where the gradient is zero (empty space) the normal is the zero vector.
+        `normals=autograd`: the exact gradient. Grad is enabled locally, so this also works under
+        torch.no_grad (not under torch.inference_mode). With create_graph=True the normals stay
+        differentiable with respect to the parameters (for shading and the orientation loss).
+        `normals=finite_difference` (threestudio's choice for hash grids): a 4-tap tetrahedron stencil
+        of `normal_eps`, differentiable through plain density queries, with no double backward (which
+        is slow for gathers). Where the gradient is zero (empty space) the normal is the zero vector.
         """
+        if self.cfg.normals == "finite_difference":
+            k = torch.tensor([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], dtype=x.dtype, device=x.device)
+            taps = self.query_density(rearrange(x[:, None, :] + self.cfg.normal_eps * k, "n k c -> (n k) c"))
+            grad = (rearrange(taps, "(n k) -> n k 1", k=4) * k).sum(1)  # (N, 3), proportional to the gradient
+            return -F.normalize(grad if create_graph else grad.detach(), dim=-1)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.query_density(x).sum(), x, create_graph=create_graph)

@@ -92,6 +92,8 @@ class SDSObjective(nn.Module):
 
     def forward(self, step: int, progress: float, generator: torch.Generator) -> torch.Tensor:
         cfg, g, res = self.cfg, generator, self.cfg.resolution
+        if cfg.frequency_anneal > 0 and hasattr(self.asset.field.encoding, "anneal"):
+            self.asset.field.encoding.anneal(progress / cfg.frequency_anneal)
         cams = sample_cameras(cfg.batch_size, cfg, g, self.device)
         shading = sample_shading(step, cfg, cams, g)
         out = render(self.asset, self.renderer, cams, res, shading, cfg, train=True, generator=g)

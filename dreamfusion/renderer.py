@@ -102,6 +102,9 @@ def ray_aabb(origins: Tensor, dirs: Tensor, bound: float) -> tuple[Tensor, Tenso
     return near, torch.maximum(far, near)
 
 
+EVAL_MIN_WEIGHT = 1e-4  # evaluation renders skip shading samples whose compositing weight is below this
+
+
 def _query_samples(field: Field, shading_fn: ShadingFn, points: Tensor, ray_index: Tensor,
                    need_normals: bool, train: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Density (M,), shaded colour (M, 3) and normals (M, 3) or None at sample points (M, 3)."""
@@ -192,9 +195,16 @@ class BatchedRenderer(_Renderer):
         S = self.cfg.samples_per_ray
         t, delta = self._sample(near, far, train, generator)  # (R, S) each
         points = rearrange(origins[:, None] + t[..., None] * dirs[:, None], "r s c -> (r s) c")  # (R*S, 3)
-        density, rgb, normals = _query_samples(field, shading_fn, points, repeat(ray_ids, "r -> (r s)", s=S),
-                                               need_normals, train)
-        w = self._weights(rearrange(density, "(r s) -> r s", s=S), delta)  # (R, S)
+        ray_index = repeat(ray_ids, "r -> (r s)", s=S)
+        if train or torch.is_grad_enabled():
+            density, rgb, normals = _query_samples(field, shading_fn, points, ray_index, need_normals, train)
+            w = self._weights(rearrange(density, "(r s) -> r s", s=S), delta)  # (R, S)
+        else:  # evaluation: shade (and take normals) only where a sample carries weight, often a tenth of them
+            w = self._weights(rearrange(field.query_density(points).float(), "(r s) -> r s", s=S), delta)
+            keep = (w.reshape(-1) > EVAL_MIN_WEIGHT).nonzero().squeeze(1)
+            _, rgb_kept, normals_kept = _query_samples(field, shading_fn, points[keep], ray_index[keep], need_normals, False)
+            rgb = points.new_zeros(len(points), 3).index_copy(0, keep, rgb_kept)
+            normals = None if normals_kept is None else points.new_zeros(len(points), 3).index_copy(0, keep, normals_kept)
         per_ray = lambda x: rearrange(x, "(r s) c -> r s c", s=S)
         out = {"rgb": einsum(w, per_ray(rgb), "r s, r s c -> r c"),
                "opacity": w.sum(-1, keepdim=True),

@@ -367,3 +367,50 @@ def test_nerfacc_and_batched_renderers_agree_on_cuda():
                                        need_normals=True)
     (out["rgb"].mean() + out["orientation"].mean()).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in field.parameters())
+
+
+def test_frequency_annealing_opens_octaves_coarse_to_fine():
+    from dreamfusion.field import FrequencyEncoding
+
+    enc = FrequencyEncoding(4)
+    x = torch.rand(5, 3) * 2 - 1
+    full = enc(x)
+    enc.anneal(0.0)
+    torch.testing.assert_close(enc(x)[:, 3:], torch.zeros(5, 24))  # only the raw coordinates pass
+    enc.anneal(0.5)  # alpha = 2: octaves 0 and 1 open, 2 and 3 shut
+    feats = enc(x)[:, 3:].reshape(5, 2, 3, 4)  # (n, sin/cos, xyz, octave)
+    assert feats[..., :2].abs().sum() > 0 and feats[..., 2:].abs().sum() == 0
+    enc.anneal(1.0)
+    torch.testing.assert_close(enc(x), full)
+    assert "alpha" in enc.state_dict()  # a resumed or exported field keeps its octaves
+
+
+@pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
+def test_finite_difference_normals_match_autograd(encoding):
+    torch.manual_seed(0)
+    exact = NeRFField(FieldConfig(encoding=encoding, hash_levels=3, hash_max_resolution=16))
+    fd = NeRFField(FieldConfig(encoding=encoding, hash_levels=3, hash_max_resolution=16,
+                               normals="finite_difference", normal_eps=1e-3))
+    fd.load_state_dict(exact.state_dict())
+    x = F.normalize(torch.randn(64, 3), dim=-1) * 0.4  # on the blob, where the gradient is large
+    cos = (exact.normals(x) * fd.normals(x)).sum(-1)
+    assert cos.min() > 0.98
+    fd.normals(x, create_graph=True).sum().backward()  # differentiable without a double backward
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fd.parameters())
+
+
+def test_evaluation_renders_skip_weightless_samples_without_changing_the_image():
+    torch.manual_seed(0)
+    cfg = FieldConfig(hidden=16, background="fixed")
+    field, background = NeRFField(cfg), Background(cfg)
+    cams = orbit_cameras(2, elevation_deg=20.0)
+    origins, dirs = (x.reshape(-1, 3) for x in camera_rays(cams, 12))
+    shading = sample_shading(10, ShadingConfig(ambient_only_steps=0, albedo_prob=0.0, textureless_prob=0.0), cams)
+    shading_fn = lambda albedo, normals, points, ray_index: shade(
+        albedo, normals, points, shading.light[0].expand_as(points), "lambertian", 0.1, 0.9)
+    renderer = BatchedRenderer(RenderConfig(samples_per_ray=32), cfg.bound)
+    full = renderer.render_rays(origins, dirs, field, background, shading_fn, train=False, need_normals=True)
+    with torch.no_grad():  # the pruned path
+        pruned = renderer.render_rays(origins, dirs, field, background, shading_fn, train=False, need_normals=True)
+    for k in ("rgb", "opacity", "depth", "normal"):
+        torch.testing.assert_close(pruned[k], full[k].detach(), atol=2e-3, rtol=0)

@@ -27,3 +27,19 @@ def test_toyworld_image_on_cuda_bf16_matches_cpu_fp32():
     assert torch.isfinite(gpu).all()
     # the same noise (drawn on the CPU generator) gives nearly the same picture in half precision
     assert (gpu.cpu() - cpu).abs().mean() < 0.05
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_3d_fit_on_cuda_with_nerfacc_and_a_tiny_sd_prior(tiny_sd, tmp_path):
+    """A few SDS steps through nerfacc's occupancy grid, bf16 autocast, then the export."""
+    import json
+
+    import run
+
+    assert run.main(["3d", "a red cube", f"model={tiny_sd}", "steps=6", "resolution=32", "batch_size=2",
+                     "encode_size=16", "mesh_resolution=32", "turntable_frames=2", "turntable_size=32",
+                     "grid_update_every=2", "val_every=0", "--out", str(tmp_path), "--quiet"]) == 0
+    [d] = list((tmp_path / "3d").iterdir())
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["device"].startswith("cuda") and meta["steps"] == 6 and (d / "mesh.glb").is_file()

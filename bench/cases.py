@@ -202,4 +202,89 @@ def toyworld_video_case(size: str, device: str, model: Optional[str] = None, s: 
         target="≤ 30 s on 2 CPU cores"))
 
 
-CASES = {"image": image_case, "video": video_case, "video-toyworld": toyworld_video_case}
+# ------------------------------------------------------------------------------------------------ 3d
+def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
+    """One step of `run.py 3d`'s objective (render the cameras, VAE encode, guided UNet, backward into the
+    field) vs the same step written naively, as threestudio and ../shared/peers write it, on the same field,
+    cameras and renderer. `small`: the ToyWorld recipe (configs/3d.yaml); `full`: the SD-1.5 recipe (64 px
+    renders encoded at 512) on SD-1.5-sized random weights."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    from dreamfusion.cameras import sample_cameras
+    from dreamfusion.config import ThreeDConfig
+    from dreamfusion.fit import Asset, SDSObjective, ViewPrompts, render
+    from dreamfusion.guidance import SDS
+    from dreamfusion.renderer import make_renderer
+    from dreamfusion.shading import sample_shading
+
+    prior = shared_prior(size, device, model)
+    cfg = config.load(ThreeDConfig, "3d", [f"device={device}"] + (["model=sd15"] if size == "full" else []))
+    torch.manual_seed(0)
+    asset = Asset(cfg).to(device)
+    renderer = make_renderer(torch.device(device), cfg, cfg.bound)
+    prompts = ViewPrompts(prior, IMAGE_PROMPT, "", cfg)
+    objective = SDSObjective(asset, renderer, SDS(prior, cfg), prompts, cfg)
+    step = cfg.ambient_only_steps + 1  # past the warm-up: shaded renders, normals
+
+    def ours():
+        asset.zero_grad(set_to_none=True)
+        objective(step, 0.5, generator(0)).backward()
+        sync_device(device)
+
+    def peer():
+        asset.zero_grad(set_to_none=True)
+        g = generator(0)
+        cams = sample_cameras(cfg.batch_size, cfg, g, device)
+        out = render(asset, renderer, cams, cfg.resolution, sample_shading(step, cfg, cams, g), cfg, train=True, generator=g)
+        images = rearrange(out["rgb"], "(b h w) c -> b c h w", b=cfg.batch_size, h=cfg.resolution)
+        size_px = cfg.encode_size or prior.default_size
+        images = F.interpolate(images, (size_px, size_px), mode="bilinear", align_corners=False)
+        latents = prior.vae.encode((images * 2 - 1).to(prior.dtype)).latent_dist.sample() * prior.scaling_factor
+        t = torch.randint(20, 980, (cfg.batch_size,), device=device)
+        noise = torch.randn_like(latents)
+        text, _ = prompts.for_cameras(cams)
+        with torch.no_grad():
+            x_t = prior.add_noise(latents.float(), noise.float(), t).to(prior.dtype)
+            eps = prior.unet(torch.cat([x_t] * 2), torch.cat([t] * 2),
+                             encoder_hidden_states=torch.cat([text.uncond, text.cond])).sample
+        u, c = eps.float().chunk(2)
+        w = (1 - prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
+        (latents.float() * (w * (u + cfg.guidance * (c - u) - noise.float())).detach()).sum().backward()
+        sync_device(device)
+
+    setting = Setting(steps=1, guidance=cfg.guidance, seed=0)
+    return Case("sds", ours, peer, _meta(
+        prior, setting, cfg.resolution, cfg.resolution, batch=cfg.batch_size, encode_size=cfg.encode_size or prior.default_size,
+        peer="naive latent SDS step (threestudio-style), same field and renderer",
+        includes="field render + VAE encode + guided UNet + backward"))
+
+
+def asset_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
+    """`python run.py 3d "a red cube"` with the ToyWorld defaults, from start to the exported mesh and
+    turntables (model loading included: it is part of an asset's wall time). No peer. `small` only."""
+    if size != "small":
+        raise SystemExit("the 3d-asset case runs at --size small (the ToyWorld default asset)")
+    import run as runner
+    from dreamfusion.config import ThreeDConfig
+
+    out = scratch_dir("bench-3d-")
+
+    def ours():
+        if runner.main(["3d", IMAGE_PROMPT, f"device={device}", "--out", str(out), "--quiet"]) != 0:
+            raise RuntimeError("the 3d job failed")
+
+    cfg = config.load(ThreeDConfig, "3d", [])
+    return Case("3d-asset", ours, None, {
+        "model": "toyworld", "steps": cfg.steps, "height": cfg.resolution, "width": cfg.resolution, "peer": None,
+        "includes": "load + fit + marching cubes + OBJ/GLB/PLY + both turntables", "target_s": 600.0,
+        "target": "≤ 10 min on 2 CPU cores"})
+
+
+def sync_device(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+CASES = {"image": image_case, "video": video_case, "video-toyworld": toyworld_video_case, "sds": sds_case,
+         "3d-asset": asset_case}

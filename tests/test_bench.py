@@ -41,3 +41,11 @@ def test_bench_writes_results(tiny_sd, tmp_path, one_thread):
 def test_script_entry_point_and_bad_case():
     proc = subprocess.run([sys.executable, "bench/run.py", "--cases", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown case(s) nope" in proc.stderr
+
+
+def test_bench_sds_case_runs_both_sides(tiny_sd, tmp_path, one_thread):
+    assert main(["--device", "cpu", "--size", "small", "--cases", "sds", "--repeats", "1",
+                 "--out", str(tmp_path), "--model", str(tiny_sd)]) == 0
+    [path] = tmp_path.glob("*-cpu.json")
+    [row] = json.loads(path.read_text())["cases"]
+    assert row["case"] == "sds" and row["ours_s"] > 0 and row["peer_s"] > 0 and row["ratio"] > 0

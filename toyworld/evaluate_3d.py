@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -128,13 +129,13 @@ def score_asset(run_dir: Path, shape: str, cfg: Eval3DConfig, judge, device) -> 
 
 
 def summarise(rows: list[dict]) -> dict:
-    ious = torch.tensor([r["iou"] for r in rows])
-    per_shape = {s: float(torch.tensor([r["iou"] for r in rows if r["shape_name"] == s]).median())
+    ious = [r["iou"] for r in rows]
+    per_shape = {s: statistics.median(r["iou"] for r in rows if r["shape_name"] == s)
                  for s in dict.fromkeys(r["shape_name"] for r in rows)}
     color = [c == r["color_index"] for r in rows for c in r["color"]]
     shape = [s == r["shape_index"] for r in rows for s in r["shape"]]
     views = [v for r in rows for v in r["view_hits"]]
-    out = {"assets": len(rows), "median_iou": round(float(ious.median()), 4), "per_shape_iou": per_shape,
+    out = {"assets": len(rows), "median_iou": round(statistics.median(ious), 4), "per_shape_iou": per_shape,
            "min_shape_iou": round(min(per_shape.values()), 4), "color_accuracy": round(sum(color) / len(color), 4),
            "shape_accuracy": round(sum(shape) / len(shape), 4), "view_agreement": round(sum(views) / len(views), 4)}
     out["passes"] = {k: out[k] >= bar for k, bar in BARS.items()}

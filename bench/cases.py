@@ -126,7 +126,7 @@ def image_case(size: str, device: str, model: Optional[str] = None, s: Optional[
         return pipe(IMAGE_PROMPT, height=height, width=width, num_inference_steps=s.steps, guidance_scale=s.guidance,
                     generator=generator(s.seed), output_type="pt").images  # (1, 3, H, W)
 
-    return Case("image", ours, peer, _meta(prior, s, height, width, images=1, peer="StableDiffusionPipeline"))
+    return Case("image", ours, peer, _meta(prior, s, height, width, images=1, peer="diffusers' StableDiffusionPipeline"))
 
 
 # --------------------------------------------------------------------------------------------- video
@@ -178,7 +178,7 @@ def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[
                     guidance_scale=s.guidance, generator=generator(s.seed), output_type="pt").frames[0]  # (F, 3, H, W)
 
     params = sum(p.numel() for p in pipe.motion_adapter.parameters())
-    return Case("video", ours, peer, _meta(prior, s, height, width, frames=s.frames, peer="AnimateDiffPipeline",
+    return Case("video", ours, peer, _meta(prior, s, height, width, frames=s.frames, peer="diffusers' AnimateDiffPipeline",
                                            motion=f"MotionAdapter ({params / 1e6:.1f}M params, random)"))
 
 
@@ -255,8 +255,9 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
 
     setting = Setting(steps=1, guidance=cfg.guidance, seed=0)
     return Case("sds", ours, peer, _meta(
-        prior, setting, cfg.resolution, cfg.resolution, batch=cfg.batch_size, encode_size=cfg.encode_size or prior.default_size,
-        peer="naive latent SDS step (threestudio-style), same field and renderer",
+        prior, setting, cfg.resolution, cfg.resolution, sampler="sds", batch=cfg.batch_size,
+        encode_size=cfg.encode_size or prior.default_size,
+        peer="a naive latent SDS step written as threestudio writes it (same field and renderer)",
         includes="field render + VAE encode + guided UNet + backward"))
 
 
@@ -277,6 +278,7 @@ def asset_case(size: str, device: str, model: Optional[str] = None, s: Optional[
     cfg = config.load(ThreeDConfig, "3d", [])
     return Case("3d-asset", ours, None, {
         "model": "toyworld", "steps": cfg.steps, "height": cfg.resolution, "width": cfg.resolution, "peer": None,
+        "sampler": "sds", "guidance": cfg.guidance, "dtype": "float32",
         "includes": "load + fit + marching cubes + OBJ/GLB/PLY + both turntables", "target_s": 600.0,
         "target": "≤ 10 min on 2 CPU cores"})
 

@@ -179,7 +179,7 @@ def markdown(report: dict) -> str:
                          f"(measured with {report['threads']} torch thread(s)).")
     for r in report["cases"]:
         if r.get("peer"):
-            lines.append(f"- {r['case']}: peer is diffusers' {r['peer']} on the same modules, scheduler config and seed.")
+            lines.append(f"- {r['case']}: peer is {r['peer']}, on the same modules, scheduler config and seed.")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -1,15 +1,14 @@
 """`python run.py export RUN_DIR [key=value ...]`: export a 3d run again with other mesh or turntable
 settings (resolution, iso-level, formats), from its final field or, for an unfinished run, its last
-checkpoint. The files go to a new folder RUN_DIR/export-<time>/; nothing of the run is overwritten."""
+checkpoint. Options not given keep the run's own values. The files go to a new folder RUN_DIR/export-<time>/; nothing of the run is overwritten."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.config import build, load_yaml, to_dict
+from pipelines.config import build, load_yaml, preset, to_dict
 from pipelines.errors import UserError
 from pipelines.runtime import command_line, pick_device, write_yaml
 
@@ -26,7 +25,9 @@ def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
         raise UserError(f"{run_dir} is not a 3d run directory (no config.yaml)")
     saved = load_yaml(run_dir / "config.yaml")
     saved.pop("prompt", None), saved.pop("command", None)
-    chosen = {f.name: getattr(cfg, f.name) for f in fields(ExportConfig)}
+    # the run's own export settings, except those this command sets
+    defaults = to_dict(build(ExportConfig, preset("export")))
+    chosen = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k) and k in ThreeDConfig.__dataclass_fields__}
     full = build(ThreeDConfig, {**saved, **chosen})
     full.validate()
     device = pick_device(cfg.device)

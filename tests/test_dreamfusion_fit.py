@@ -74,10 +74,16 @@ def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
     [e] = [p for p in d.iterdir() if p.name.startswith("export-")]
     assert sorted(p.name for p in e.iterdir()) == ["config.yaml", "mesh.json", "mesh.ply", "mesh_turntable.mp4", "turntable.mp4"]
     assert json.loads((e / "mesh.json").read_text())["mesh_resolution"] == 20
+    assert probe(e / "turntable.mp4")["frames"] == 2 and probe(e / "mesh_turntable.mp4")["frames"] == 2
+    # options not given keep the run's own (mesh_resolution=24, turntable_frames=3 from TINY)
+    assert run.main(["export", str(d), "formats=[glb]", "--quiet"]) == 0
+    [e2] = [p for p in d.iterdir() if p.name.startswith("export-") and p != e]
+    assert json.loads((e2 / "mesh.json").read_text())["mesh_resolution"] == 24
+    assert probe(e2 / "turntable.mp4")["frames"] == 3 and (e2 / "mesh.glb").is_file()
     # an iso-level above every density: a clear error, and no half-written export folder
     assert run.main(["export", str(d), "iso_level=1e9", "--quiet"]) == 2
     assert "no surface at iso-level" in capsys.readouterr().err
-    assert len([p for p in d.iterdir() if "export-" in p.name]) == 1
+    assert len([p for p in d.iterdir() if "export-" in p.name]) == 2
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeypatch, capsys):

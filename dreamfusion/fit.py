@@ -33,7 +33,7 @@ from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, p
                                write_json, write_yaml)
 from pipelines.training import Stage, checkpoint_step, mixed_precision, run_stage, step_generator
 
-from .cameras import Cameras, camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
+from .cameras import VIEWS, Cameras, camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
 from .config import ExportOptions, ThreeDConfig
 from .field import Background, NeRFField
 from .guidance import SDS
@@ -42,7 +42,6 @@ from .shading import fixed_light, sample_shading, shade
 
 logger = logging.getLogger(__name__)
 STAGE = "3d"
-VIEWS = ("front", "side", "back", "overhead")
 WEIGHTS_NAME = "asset.safetensors"
 # Options that may differ when resuming: they change what is written, not the optimisation.
 RESUME_FREE = {f for f in ExportOptions.__dataclass_fields__} | {
@@ -136,8 +135,10 @@ def render_views(asset: Asset, renderer, cams: Cameras, size: int, cfg: ThreeDCo
     return rearrange(out["rgb"], "(b h w) c -> b c h w", b=len(cams), h=size).clamp(0, 1)
 
 
-def turntable_cameras(n: int, cfg: ThreeDConfig, device) -> Cameras:
-    return orbit_cameras(n, cfg.turntable_elevation, sum(cfg.distance_range) / 2, sum(cfg.fov_range) / 2, device)
+def turntable_cameras(n: int, cfg: ThreeDConfig, device, elevation: float | None = None) -> Cameras:
+    """n cameras orbiting at the middle of the training distance and field of view."""
+    elevation = cfg.turntable_elevation if elevation is None else elevation
+    return orbit_cameras(n, elevation, sum(cfg.distance_range) / 2, sum(cfg.fov_range) / 2, device)
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -196,7 +197,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     asset = Asset(cfg).to(device)
     renderer = make_renderer(device, cfg, cfg.bound)
     objective = SDSObjective(asset, renderer, SDS(prior, cfg), ViewPrompts(prior, prompt, cfg.negative, cfg), cfg)
-    val_cams = orbit_cameras(4, 20.0, sum(cfg.distance_range) / 2, sum(cfg.fov_range) / 2, device)
+    val_cams = turntable_cameras(4, cfg, device, elevation=20.0)
 
     def batch(step: int) -> dict:
         return {"step": step, "progress": step / cfg.steps, "generator": step_generator(cfg.seed, STAGE, step, 0)}
@@ -238,9 +239,10 @@ def export_asset(asset: Asset, renderer, cfg: ThreeDConfig, folder: Path, progre
     field = asset.field
     level = cfg.iso_level
     if level is None:  # the level whose mesh silhouette best matches the NeRF's, over 8 views
-        cams = orbit_cameras(8, cfg.turntable_elevation, sum(cfg.distance_range) / 2, sum(cfg.fov_range) / 2, device)
+        cams = turntable_cameras(8, cfg, device)
         origins, dirs = (rearrange(x, "b h w c -> (b h w) c") for x in camera_rays(cams, cfg.resolution))
-        opacity = render(asset, renderer, cams, cfg.resolution, _eval_shading(cams), cfg, train=False, chunk=cfg.chunk)["opacity"]
+        albedo_only = lambda albedo, normals, points, ray_index: albedo  # opacity needs no shading, no normals
+        opacity = renderer.render_rays(origins, dirs, field, asset.background, albedo_only, chunk=cfg.chunk)["opacity"]
         level = auto_iso_level(max_density_along_rays(field, origins, dirs, cfg.bound), opacity)
         logger.info("automatic iso-level: %.3g", level)
     grid = density_grid(field, cfg.mesh_resolution, cfg.bound, device=device)

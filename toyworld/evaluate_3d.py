@@ -25,10 +25,10 @@ import torch
 import trimesh
 from einops import rearrange
 
-from dreamfusion.cameras import orbit_cameras, view_names
+from dreamfusion.cameras import view_names
 from dreamfusion.config import ThreeDConfig
 from dreamfusion.export import render_mesh
-from dreamfusion.fit import fit, load_asset, render_views
+from dreamfusion.fit import fit, load_asset, render_views, turntable_cameras
 from dreamfusion.renderer import make_renderer
 from pipelines.config import option, to_dict
 from pipelines.errors import UserError
@@ -69,11 +69,9 @@ class Eval3DConfig(ThreeDConfig):
 
 
 # ------------------------------------------------------------------------------------------ geometry
-def _normalised(points: torch.Tensor, inside: torch.Tensor, cell: float) -> tuple[torch.Tensor, float]:
-    """Centroid (3,) and the scale that gives the occupied set unit volume."""
-    if inside.sum() == 0:
-        return torch.zeros(3), 1.0
-    return points[inside].mean(0), float((inside.sum() * cell ** 3) ** (1 / 3))
+def _normalised(occupied: torch.Tensor, cell: float) -> tuple[torch.Tensor, float]:
+    """Centroid (3,) of occupied cell centres (N, 3), and the scale that gives them unit volume."""
+    return occupied.mean(0), float((len(occupied) * cell ** 3) ** (1 / 3))
 
 
 def _grid(resolution: int, half: float) -> tuple[torch.Tensor, float]:
@@ -93,14 +91,14 @@ def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rota
     # the ground truth's centroid and volume, from its SDF on a fine grid
     gt_pts, gt_cell = _grid(resolution, 1.5)
     gt_inside = sdf(gt_pts.float()) < 0
-    gt_c, gt_s = _normalised(gt_pts, gt_inside, gt_cell)
+    gt_c, gt_s = _normalised(gt_pts[gt_inside], gt_cell)
     # the mesh's solid, voxelised (filled), and its centroid and volume
     pitch = float(mesh.extents.max()) / resolution
     solid = mesh.voxelized(pitch).fill()
     occupied = torch.from_numpy(np.asarray(solid.points, dtype=np.float64))
     if len(occupied) == 0:
         return 0.0
-    m_c, m_s = occupied.mean(0), float((len(occupied) * pitch ** 3) ** (1 / 3))
+    m_c, m_s = _normalised(occupied, pitch)
     # compare on one grid in normalised space: y -> mesh at m_c + m_s y, ground truth at gt_c + gt_s R y
     y, _ = _grid(resolution, 1.0)
     in_mesh = torch.from_numpy(solid.is_filled((m_c + m_s * y).numpy()))
@@ -116,11 +114,10 @@ def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rota
 def score_asset(run_dir: Path, shape: str, cfg: Eval3DConfig, judge, device) -> dict:
     """IoU, the judge on mesh renders, and the judge's view on NeRF renders, for one fitted asset."""
     mesh = trimesh.load(run_dir / "mesh.ply", force="mesh")
-    saved = replace(cfg)  # the fit's own options are cfg's (the eval fits with them)
-    cams = orbit_cameras(cfg.views, cfg.judge_elevation, sum(cfg.distance_range) / 2, sum(cfg.fov_range) / 2, "cpu")
+    cams = turntable_cameras(cfg.views, cfg, "cpu", elevation=cfg.judge_elevation)
     mesh_views = render_mesh(mesh, cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg, judge.image_size)
-    asset = load_asset(run_dir, saved, device)
-    nerf_views = render_views(asset, make_renderer(device, saved, saved.bound), cams.to(device), judge.image_size, saved).cpu()
+    asset = load_asset(run_dir, cfg, device)  # the eval fitted it with cfg's own options
+    nerf_views = render_views(asset, make_renderer(device, cfg, cfg.bound), cams.to(device), judge.image_size, cfg).cpu()
     on_mesh, on_nerf = judge.predict(mesh_views), judge.predict(nerf_views)
     true_views = torch.tensor([VIEWS.index(v) for v in view_names(cams.azimuth_deg, cams.elevation_deg, cfg)])
     return {"iou": round(volumetric_iou(mesh, shape, cfg.iou_resolution, cfg.rotations), 4),

@@ -29,14 +29,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Conditioning:
-    """Text embeddings for a batch: `cond` for the prompts, `uncond` for the negative prompts. (B, L, D)."""
+    """Text embeddings for a batch: `cond` for the prompts, `uncond` for the negative prompts. (B, L, D).
+
+    `cond_words`/`uncond_words`, when asked for, are the text encoder's first hidden states (token plus
+    position embeddings, before any contextual layer): every word is still there, even one the encoder's
+    later layers learned to ignore because the images it was trained on never depended on it (the
+    ToyWorld encoder's "left" and "right"). Video UNets whose temporal layers read them get them."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
+    cond_words: torch.Tensor | None = None
+    uncond_words: torch.Tensor | None = None
 
     def repeat(self, n: int) -> "Conditioning":
         """Each prompt n times in a row (like diffusers' num_images_per_prompt)."""
-        return Conditioning(self.cond.repeat_interleave(n, 0), self.uncond.repeat_interleave(n, 0))
+        rep = lambda x: None if x is None else x.repeat_interleave(n, 0)  # noqa: E731
+        return Conditioning(rep(self.cond), rep(self.uncond), rep(self.cond_words), rep(self.uncond_words))
+
+
+def embed_tokens(text_encoder, ids: torch.Tensor, mask: torch.Tensor | None = None,
+                 words: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids -> the encoder's last hidden states (what the UNet cross-attends to) and, with
+    `words`, its first hidden states (the token + position embeddings; see `Conditioning`)."""
+    out = text_encoder(ids, attention_mask=mask, output_hidden_states=words)
+    return out[0], (out.hidden_states[0] if words else None)
 
 
 class Prior:
@@ -84,16 +100,19 @@ class Prior:
 
     # ------------------------------------------------------------------------------------------- text
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | str, negative: list[str] | str | None = None) -> Conditioning:
-        """Embed prompts and negative prompts (default: the empty prompt) as the model was trained."""
+    def encode_prompt(self, prompts: list[str] | str, negative: list[str] | str | None = None,
+                      words: bool = False) -> Conditioning:
+        """Embed prompts and negative prompts (default: the empty prompt) as the model was trained;
+        `words` also returns the word embeddings (for video UNets, see `Conditioning`)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negative = negative or ""
         negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
         if len(negative) != len(prompts):
             raise UserError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
-        return Conditioning(self._embed(prompts, warn=True), self._embed(negative, warn=False))
+        (cond, cond_words), (uncond, uncond_words) = self._embed(prompts, True, words), self._embed(negative, False, words)
+        return Conditioning(cond, uncond, cond_words, uncond_words)
 
-    def _embed(self, texts: list[str], warn: bool) -> torch.Tensor:
+    def _embed(self, texts: list[str], warn: bool, words: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         tok = self.tokenizer
         inputs = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
         if warn:
@@ -102,7 +121,8 @@ class Prior:
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = inputs.attention_mask.to(self.device)
-        return self.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+        states, word_states = embed_tokens(self.text_encoder, inputs.input_ids.to(self.device), mask, words)
+        return states.to(self.dtype), (None if word_states is None else word_states.to(self.dtype))
 
     def _warn_truncated(self, texts: list[str], ids: torch.Tensor) -> None:
         full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
@@ -175,6 +195,8 @@ class Prior:
         emb = torch.cat([text.uncond, text.cond]) if cfg else text.cond
         t = torch.as_tensor(t, device=self.device)
         t_in = torch.cat([t, t]) if cfg and t.ndim == 1 else t
+        if text.cond_words is not None:  # a video UNet whose temporal layers read the word embeddings
+            unet_kwargs["words"] = torch.cat([text.uncond_words, text.cond_words]) if cfg else text.cond_words
         out = self.unet(x_in.to(self.dtype), t_in, encoder_hidden_states=emb, **unet_kwargs).sample.float()
         out = self._to_eps(x_in.float(), out, t_in)
         if not cfg:

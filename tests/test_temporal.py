@@ -3,6 +3,7 @@
 import torch
 
 from pipelines import Prior
+from pipelines.prior import Conditioning
 from video.temporal import TemporalConv, inflate
 
 
@@ -115,3 +116,36 @@ def test_known_frame_channels_start_unused_and_then_condition(tiny_sd):
         doubled = video_unet(torch.cat([x, x]), 50, torch.cat([text, text]), known=known, mask=mask).sample
     assert (conditioned - plain).abs().max() > 1e-3
     torch.testing.assert_close(doubled[:1], conditioned, atol=1e-5, rtol=1e-5)
+
+
+def test_word_states_reach_the_temporal_layers_through_predict_noise(tiny_sd):
+    """Layers built with word_states read the encoder's first hidden states, which encode_prompt(words=True)
+    returns and predict_noise passes on; without them the layers refuse, rather than guess."""
+    from video.temporal import TemporalConfig
+
+    prior = Prior.from_pretrained(str(tiny_sd))
+    width = prior.unet.config.cross_attention_dim
+    video_unet = inflate(prior.unet, TemporalConfig(text_dim=width, word_states=True))
+    text = prior.encode_prompt(["a red cube"], words=True)
+    swapped = prior.encode_prompt(["a red ball"], words=True)
+    ids = prior.tokenizer(["a red cube", "a red ball"], padding="max_length",
+                          max_length=prior.tokenizer.model_max_length, return_tensors="pt").input_ids
+    same = ids[0] == ids[1]
+    moved = lambda a, b: (a - b).abs().amax(-1)[0] > 1e-6  # noqa: E731
+    assert torch.equal(moved(text.cond_words, swapped.cond_words), ~same)  # word embeddings: no context
+    assert (moved(text.cond, swapped.cond) & same).any()  # the last states mix the context in
+    assert text.cond_words.shape == text.cond.shape and text.repeat(2).cond_words.shape[0] == 2
+    x = torch.randn(1, 4, 3, 8, 8)
+    prior.unet = video_unet
+    with torch.no_grad():
+        for p in video_unet.temporal.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        eps = prior.predict_noise(x, 300, text, guidance=5.0)
+        other = Conditioning(text.cond, text.uncond, torch.randn_like(text.cond_words), text.uncond_words)
+        assert (prior.predict_noise(x, 300, other, guidance=5.0) - eps).abs().max() > 1e-4  # the words matter
+        try:
+            prior.predict_noise(x, 300, prior.encode_prompt(["a red cube"]), guidance=5.0)
+        except ValueError as e:
+            assert "word embeddings" in str(e)
+        else:
+            raise AssertionError("layers with word_states ran without the word embeddings")

@@ -134,7 +134,7 @@ def generate_clips(prior: Prior, prompts: list[str], cfg: EvalVideoConfig, seed:
     shape = (n_per, prior.latent_channels, cfg.frames, h // f, w // f)
     clips = []
     for prompt in tqdm(prompts, desc=f"generating {len(prompts) * n_per} clips", disable=not progress):
-        text = prior.encode_prompt([prompt], cfg.negative).repeat(n_per)
+        text = prior.encode_prompt([prompt], cfg.negative, words=True).repeat(n_per)
         z = denoise(prior, prior.unet, text, shape, cfg, g, False)
         frames = prior.decode_latents(rearrange(z, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
         clips.append(rearrange(frames.cpu(), "(b f) c h w -> b f c h w", f=cfg.frames))

@@ -93,7 +93,7 @@ def _is_motion_adapter(folder: Path) -> bool:
 
 class AnimateDiffUNet(nn.Module):
     """diffusers' UNetMotionModel (the 2D UNet + an AnimateDiff MotionAdapter) behind the same call
-    as our VideoUNet: (b, c, f, h, w) in and out. AnimateDiff has no fps conditioning, so fps is unused."""
+    as our VideoUNet: (b, c, f, h, w) in and out. AnimateDiff has no fps conditioning and no word-embedding input, so fps and words are unused."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -112,7 +112,7 @@ class AnimateDiffUNet(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, sample, timestep, encoder_hidden_states, fps=None, **unet_kwargs):
+    def forward(self, sample, timestep, encoder_hidden_states, fps=None, words=None, **unet_kwargs):
         # UNetMotionModel folds frames into the batch but expects the text already repeated per frame.
         text = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
         return self.model(sample, timestep, encoder_hidden_states=text, **unet_kwargs)
@@ -131,7 +131,7 @@ def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Gener
     height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
     f = prior.vae_scale_factor
     with timer("encode_prompt"):
-        text = prior.encode_prompt([prompt], cfg.negative)
+        text = prior.encode_prompt([prompt], cfg.negative, words=True)
     with timer("denoise"):
         shape = (1, prior.latent_channels, cfg.frames, height // f, width // f)
         known = None

@@ -11,10 +11,14 @@ output), so a freshly inflated UNet on F frames equals the image UNet on each fr
 Temporal self-attention alone never sees the prompt, and the spatial layers were trained on still
 images, so motion words ("moving left") would reach nothing that moves things. Each temporal layer
 therefore also receives a conditioning vector: the prompt's token states, attention-pooled by learned
-queries (a mean over tokens drowns a motion word: in the ToyWorld encoder "moving left" and "moving right"
-differ 20x less than two colours after mean pooling), plus an embedding of the clip's frame rate
-(Make-A-Video's fps conditioning). It is added to the attention's tokens and scales and shifts the
-convolution's input (FiLM, Perez et al. 2018).
+queries, plus an embedding of the clip's frame rate (Make-A-Video's fps conditioning). It is added to
+the attention's tokens and scales and shifts the convolution's input (FiLM, Perez et al. 2018).
+
+A text encoder trained only with still images keeps only what changes images: the ToyWorld encoder's
+last states for "a red ball moving left" and "... moving right" differ by 0.9 (norm 11), two colours by
+7; its first states (token + position embeddings) differ by 10.5 for left/right, as for colours. With
+`word_states` the pooled tokens are therefore the last states and these word embeddings side by side
+(`Conditioning.cond_words`), so a motion word reaches the temporal layers whatever the encoder made of it.
 
 A 1D convolution over frames sees one pixel at a time, and so does attention over frames; with the
 spatial layers frozen, nothing could carry content from one pixel to its neighbour between frames,
@@ -53,6 +57,7 @@ class TemporalConfig:
     max_frames: int = 64  # length of the fixed sinusoidal position table
     window: int = 16  # frames attended together; longer clips use overlapping windows (FreeNoise)
     text_queries: int = 4  # learned queries that attention-pool the prompt's token states
+    word_states: bool = False  # also pool the text encoder's word embeddings (its first hidden states)
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -169,9 +174,11 @@ class TemporalLayers(nn.Module):
         self.layers = nn.ModuleDict({k.replace(".", "__"): v for k, v in layers.items()})
         self.fps_embed = nn.Sequential(nn.Linear(64, cfg.cond_dim), nn.SiLU(), nn.Linear(cfg.cond_dim, cfg.cond_dim))
         # the prompt, attention-pooled: each learned query weighs the (normalised) token states
+        width = cfg.text_dim * (2 if cfg.word_states else 1)  # last states | word embeddings, each normalised
         self.text_norm = nn.LayerNorm(cfg.text_dim)
-        self.text_scores = nn.Linear(cfg.text_dim, cfg.text_queries)
-        self.text_embed = nn.Sequential(nn.Linear(cfg.text_queries * cfg.text_dim, cfg.cond_dim), nn.SiLU(),
+        self.word_norm = nn.LayerNorm(cfg.text_dim) if cfg.word_states else None
+        self.text_scores = nn.Linear(width, cfg.text_queries)
+        self.text_embed = nn.Sequential(nn.Linear(cfg.text_queries * width, cfg.cond_dim), nn.SiLU(),
                                         nn.Linear(cfg.cond_dim, cfg.cond_dim))
         # Masked-frame conditioning (Make-A-Video's interpolation and image-to-video): the known frames'
         # latents and a mask enter through extra input channels, zero-initialised so they start unused.
@@ -184,10 +191,15 @@ class TemporalLayers(nn.Module):
     def spatial_names(self) -> list[str]:
         return [k.replace("__", ".") for k in self.layers]
 
-    def condition(self, text: torch.Tensor, fps: torch.Tensor) -> torch.Tensor:
-        """(b, L, D) prompt embeddings and (b,) frame rates -> (b, cond_dim)."""
+    def condition(self, text: torch.Tensor, fps: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, L, D) prompt embeddings, (b,) frame rates and (b, L, D) word embeddings -> (b, cond_dim)."""
         dtype = self.text_norm.weight.dtype
         states = self.text_norm(text.to(dtype))
+        if self.word_norm is not None:
+            if words is None:
+                raise ValueError("these temporal layers read the prompt's word embeddings: pass words= "
+                                 "(prior.encode_prompt(..., words=True))")
+            states = torch.cat([states, self.word_norm(words.to(dtype))], dim=-1)
         weights = self.text_scores(states).softmax(dim=1)  # (b, L, queries): a distribution over tokens per query
         pooled = rearrange(torch.einsum("blq,bld->bqd", weights, states), "b q d -> b (q d)")
         return self.text_embed(pooled) + self.fps_embed(sinusoidal(fps, 64, max_period=100.0).to(dtype))
@@ -241,9 +253,10 @@ class VideoUNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
                 fps: torch.Tensor | float = 8.0, known: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                **unet_kwargs) -> VideoUNetOutput:
+                words: torch.Tensor | None = None, **unet_kwargs) -> VideoUNetOutput:
         """`known` (b, c, f, h, w) clean latents of the frames given in advance and `mask` (b, 1, f, h, w),
-        1 where a frame is known: the masked-frame conditioning (None: plain text-to-video)."""
+        1 where a frame is known: the masked-frame conditioning (None: plain text-to-video). `words`
+        (b, L, D): the prompt's word embeddings, for layers trained with `word_states`."""
         if sample.ndim == 4:
             return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, **unet_kwargs)
         b, _, f = sample.shape[:3]
@@ -251,7 +264,7 @@ class VideoUNet(nn.Module):
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.repeat_interleave(f) if t.ndim == 1 else t
         fps = torch.as_tensor(fps, device=sample.device, dtype=torch.float32).expand(b)
-        cond = self.temporal.condition(encoder_hidden_states, fps).to(sample.dtype)
+        cond = self.temporal.condition(encoder_hidden_states, fps, words).to(sample.dtype)
         self._frames, self._cond = f, cond
         if known is not None:  # classifier-free guidance doubles the batch; the known frames are the same
             known, mask = (y.repeat(b // y.shape[0], 1, 1, 1, 1) for y in (known, mask))

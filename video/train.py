@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipelines.config import option, to_dict
 from pipelines.errors import UserError
-from pipelines.prior import Prior
+from pipelines.prior import Prior, embed_tokens
 from pipelines.runtime import command_line, install_dir, versions, write_json
 from pipelines.training import (Stage, TrainingOptions, checkpoint_step, mixed_precision, open_run, plot_losses,
                                 run_stage, step_generator)
@@ -50,6 +50,8 @@ class TrainTemporalConfig(TrainingOptions):
     caption_dropout: float = option(0.1, "fraction of captions replaced by '' (classifier-free guidance)")
     ema_decay: float = option(0.999, "EMA decay of the temporal weights (0 disables EMA)")
     cond_dim: int = option(128, "width of the fps + pooled-text conditioning")
+    word_states: bool = option(True, "the temporal layers also read the text encoder's word embeddings (its first "
+                                     "hidden states), which keep motion words an image-only encoder learned to ignore")
     mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
@@ -163,9 +165,9 @@ class TemporalObjective(torch.nn.Module):
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
         x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
         with torch.no_grad():
-            emb = self.text_encoder(ids)[0]
+            emb, words = embed_tokens(self.text_encoder, ids, words=self.video_unet.temporal.cfg.word_states)
         known = None if mask is None else z0  # the known frames are given clean, as at inference
-        pred = self.video_unet(x_t, t, emb, fps=fps, known=known, mask=mask).sample
+        pred = self.video_unet(x_t, t, emb, fps=fps, known=known, mask=mask, words=words).sample
         per_clip = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3, 4))
         return (self.weight[t] * per_clip).mean()
 
@@ -198,7 +200,8 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
     # 2. the video UNet: identity-initialised temporal layers (or the checkpoint's), spatial frozen
     torch.manual_seed(cfg.seed)
     video_unet = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim,
-                                                    cond_dim=cfg.cond_dim, window=cfg.frames), weights=cfg.init)
+                                                    cond_dim=cfg.cond_dim, window=cfg.frames,
+                                                    word_states=cfg.word_states), weights=cfg.init)
     video_unet.freeze_spatial()
     params = [p for p in video_unet.temporal.parameters()]
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay > 0 else None

@@ -222,6 +222,12 @@ class NeRFField(nn.Module):
         """Points (N, 3) -> density (N,) >= 0."""
         return self(x)[0]
 
+    def anneal(self, progress: float) -> None:
+        """The coarse-to-fine schedule at `progress` (0..1) of the fit: the frequency encoding's octaves
+        open over the first `frequency_anneal` of it; nothing to do for a hash grid or with it off."""
+        if self.cfg.frequency_anneal > 0 and isinstance(self.encoding, FrequencyEncoding):
+            self.encoding.anneal(progress / self.cfg.frequency_anneal)
+
     def normals(self, x: Tensor, create_graph: bool = False) -> Tensor:
         """Unit normals (N, 3) = -normalize(d density / dx) (DreamFusion sec. 3.1).
 

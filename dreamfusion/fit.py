@@ -91,8 +91,7 @@ class SDSObjective(nn.Module):
 
     def forward(self, step: int, progress: float, generator: torch.Generator) -> torch.Tensor:
         cfg, g, res = self.cfg, generator, self.cfg.resolution
-        if cfg.frequency_anneal > 0 and hasattr(self.asset.field.encoding, "anneal"):
-            self.asset.field.encoding.anneal(progress / cfg.frequency_anneal)
+        self.asset.field.anneal(progress)
         cams = sample_cameras(cfg.batch_size, cfg, g, self.device)
         shading = sample_shading(step, cfg, cams, g)
         out = render(self.asset, self.renderer, cams, res, shading, cfg, train=True, generator=g)
@@ -203,8 +202,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
         return {"step": step, "progress": step / cfg.steps, "generator": step_generator(cfg.seed, STAGE, step, 0)}
 
     def after_step(step: int) -> None:
-        if hasattr(renderer, "update"):
-            renderer.update(step, asset.field)
+        renderer.update(step, asset.field)
         if cfg.val_every and (step + 1) % cfg.val_every == 0:
             views = render_views(asset, renderer, val_cams, cfg.resolution, cfg)
             save_image(run_dir / "val" / f"step_{step + 1:06d}.png", to_pil(rearrange(views, "b c h w -> 1 c h (b w)"))[0])

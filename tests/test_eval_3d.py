@@ -8,7 +8,9 @@ import trimesh
 
 import run
 from dreamfusion.export import extract_mesh
-from toyworld.evaluate_3d import volumetric_iou
+from dreamfusion.cameras import orbit_cameras
+from toyworld.evaluate_3d import ground_truth_views, judge_hits, volumetric_iou
+from toyworld.judge import load_judge
 from toyworld.render import SDFS
 
 
@@ -47,5 +49,17 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     report = json.loads((d / "report.json").read_text())
     s = report["summary"]
     assert s["assets"] == 1 and 0 <= s["median_iou"] <= 1 and set(s["passes"]) >= {"median_iou", "view_agreement"}
-    assert len(report["assets"][0]["color"]) == 4 and (d / "turntables.png").is_file() and (d / "report.md").is_file()
+    assert len(report["assets"][0]["color_hits"]) == 4 and (d / "turntables.png").is_file() and (d / "report.md").is_file()
+    assert set(s["ground_truth"]) == {"color_accuracy", "shape_accuracy", "view_agreement"}
+    assert "ground truth" in (d / "report.md").read_text()
     assert [p.name for p in (d / "3d").iterdir()]  # the fitted run is kept next to the report
+
+
+def test_the_judge_reads_the_ground_truth_renders_it_is_compared_with():
+    """The reference column: ToyWorld's own render from the eval's cameras, as the judge was trained on
+    (the colour and shape right in every view; the front view, where the marker shows, right)."""
+    judge = load_judge()
+    cams = orbit_cameras(8, elevation_deg=15.0)
+    views = torch.tensor([0, 1, 1, 1, 2, 1, 1, 1])  # front at azimuth 0, back at 180
+    hits = judge_hits(judge, ground_truth_views(1, 0, cams, judge.image_size), color=0, shape=1, views=views)
+    assert all(hits["color"]) and all(hits["shape"]) and hits["view"][0]

@@ -149,3 +149,25 @@ def test_word_states_reach_the_temporal_layers_through_predict_noise(tiny_sd):
             assert "word embeddings" in str(e)
         else:
             raise AssertionError("layers with word_states ran without the word embeddings")
+
+
+def test_prompt_chosen_shift_kernel_starts_at_zero_and_learns_from_the_first_step():
+    """shift_rank > 0: each clip's depthwise kernel is the shared one plus a conditioned mix of basis kernels.
+    It starts as the identity layer, gets a gradient at once, and computes each clip with its own kernel."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    b, f, c = 3, 4, 8
+    x, cond = torch.randn(b * f, c, 5, 5), torch.randn(b, 16)
+    chosen = TemporalConv(c, 3, cond_dim=16, shift_rank=2)
+    torch.testing.assert_close(chosen(x, f, cond), x)  # identity at initialisation
+    (chosen(x, f, cond) * torch.randn(b * f, c, 5, 5)).sum().backward()
+    assert chosen.shift_basis.grad.abs().max() > 1e-3
+    with torch.no_grad():  # per-clip kernels: the batched grouped convolution equals one clip at a time
+        chosen.shift_basis.normal_()
+        mixed = chosen._move(x.reshape(b, f, c, 5, 5).transpose(1, 2), cond)
+        mix = chosen.shift_mix(cond)
+        for i in range(b):
+            kernel = chosen.shift.weight + torch.einsum("r,r...->...", mix[i], chosen.shift_basis)
+            one = F.conv3d(x.reshape(b, f, c, 5, 5)[i].transpose(0, 1)[None], kernel, padding=(1, 1, 1), groups=c)
+            torch.testing.assert_close(mixed[i], one[0], atol=1e-5, rtol=1e-5)

@@ -23,9 +23,14 @@ last states for "a red ball moving left" and "... moving right" differ by 0.9 (n
 A 1D convolution over frames sees one pixel at a time, and so does attention over frames; with the
 spatial layers frozen, nothing could carry content from one pixel to its neighbour between frames,
 which is what motion is. Each pseudo-3D convolution therefore has a second, zero-initialised branch:
-a depthwise (channel-wise) 3D convolution over (frames, height, width). It costs 27 weights per
-channel, and with the FiLM gate choosing channels per prompt it can shift content by a pixel a frame
-in the direction the prompt names.
+a depthwise (channel-wise) 3D convolution over (frames, height, width), 27 weights per channel.
+
+Which way it moves content must follow the prompt. One shared kernel behind the FiLM gate learns that
+badly: the kernel starts at zero, so at first the gate gets no gradient through it, and the kernel
+learns the average over the training clips, in which "left" cancels "right". With `shift_rank` = r the
+kernel is therefore made per clip: the shared kernel plus a mix of r zero-initialised basis kernels,
+weighted by a (random-initialised) linear map of the conditioning vector. A basis kernel's gradient is
+then the correlation of its weight with each clip's own best kernel, non-zero from the first step.
 
 The temporal layers are one `TemporalLayers` module with its own state dict, saved as its own
 safetensors file; `freeze_spatial()` leaves only them trainable.
@@ -39,6 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -58,6 +64,7 @@ class TemporalConfig:
     window: int = 16  # frames attended together; longer clips use overlapping windows (FreeNoise)
     text_queries: int = 4  # learned queries that attention-pool the prompt's token states
     word_states: bool = False  # also pool the text encoder's word embeddings (its first hidden states)
+    shift_rank: int = 0  # basis kernels of the per-clip (conditioned) depthwise 3D convolution; 0: one shared kernel
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -82,9 +89,10 @@ def window_starts(frames: int, window: int) -> list[int]:
 class TemporalConv(nn.Module):
     """Pseudo-3D convolution: a 1D convolution over frames at every pixel, dirac-initialised (identity),
     on an input scaled and shifted by the clip's conditioning, plus a zero-initialised depthwise
-    (frames x 3 x 3) convolution that can move content between neighbouring pixels from frame to frame."""
+    (frames x 3 x 3) convolution that can move content between neighbouring pixels from frame to frame,
+    its kernel chosen per clip by the conditioning when `shift_rank` > 0 (module docstring)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, cond_dim: int | None = None):
+    def __init__(self, channels: int, kernel_size: int = 3, cond_dim: int | None = None, shift_rank: int = 0):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
         nn.init.dirac_(self.conv.weight)
@@ -92,11 +100,14 @@ class TemporalConv(nn.Module):
         self.shift = nn.Conv3d(channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1),
                                groups=channels, bias=False)
         nn.init.zeros_(self.shift.weight)
-        self.film = None
+        self.film = self.shift_mix = self.shift_basis = None
         if cond_dim is not None:
             self.film = nn.Linear(cond_dim, 2 * channels)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
+            if shift_rank > 0:
+                self.shift_mix = nn.Linear(cond_dim, shift_rank)  # random: clips differ in their mix at once
+                self.shift_basis = nn.Parameter(torch.zeros(shift_rank, *self.shift.weight.shape))
 
     def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         b = x.shape[0] // frames
@@ -107,8 +118,19 @@ class TemporalConv(nn.Module):
             x = rearrange(x, "b f c h w -> (b f) c h w")
         y = rearrange(self.conv(rearrange(x, "(b f) c h w -> (b h w) c f", f=frames)),
                       "(b h w) c f -> (b f) c h w", b=b, h=h, w=w)
-        moved = self.shift(rearrange(x, "(b f) c h w -> b c f h w", b=b))
-        return y + rearrange(moved, "b c f h w -> (b f) c h w")
+        return y + rearrange(self._move(rearrange(x, "(b f) c h w -> b c f h w", b=b), cond),
+                             "b c f h w -> (b f) c h w")
+
+    def _move(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """The depthwise (frames x 3 x 3) convolution of (b, c, f, h, w): shared, or one kernel per clip."""
+        if cond is None or self.shift_basis is None:
+            return self.shift(x)
+        b, c = x.shape[:2]
+        mix = self.shift_mix(cond).to(x.dtype)  # (b, r)
+        kernels = self.shift.weight + torch.einsum("br,rcoktu->bcoktu", mix, self.shift_basis.to(x.dtype))
+        moved = F.conv3d(rearrange(x, "b c f h w -> 1 (b c) f h w"), rearrange(kernels, "b c o k t u -> (b c) o k t u"),
+                         padding=self.shift.padding, groups=b * c)
+        return rearrange(moved, "1 (b c) f h w -> b c f h w", b=b)
 
 
 class TemporalAttention(nn.Module):
@@ -167,7 +189,7 @@ class TemporalLayers(nn.Module):
         for name, module in unet.named_modules():
             kind = type(module).__name__
             if kind == "ResnetBlock2D":
-                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size, cfg.cond_dim)
+                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size, cfg.cond_dim, cfg.shift_rank)
             elif kind == "Transformer2DModel":
                 channels = module.out_channels or module.in_channels
                 layers[name] = TemporalAttention(channels, cfg)

@@ -52,6 +52,8 @@ class TrainTemporalConfig(TrainingOptions):
     cond_dim: int = option(128, "width of the fps + pooled-text conditioning")
     word_states: bool = option(True, "the temporal layers also read the text encoder's word embeddings (its first "
                                      "hidden states), which keep motion words an image-only encoder learned to ignore")
+    shift_rank: int = option(8, "basis kernels of the prompt-chosen depthwise 3D convolution that moves content "
+                                "(0: one kernel for every prompt, which cannot tell left from right)")
     mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
@@ -201,7 +203,8 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
     torch.manual_seed(cfg.seed)
     video_unet = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim,
                                                     cond_dim=cfg.cond_dim, window=cfg.frames,
-                                                    word_states=cfg.word_states), weights=cfg.init)
+                                                    word_states=cfg.word_states, shift_rank=cfg.shift_rank),
+                        weights=cfg.init)
     video_unet.freeze_spatial()
     params = [p for p in video_unet.temporal.parameters()]
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay > 0 else None

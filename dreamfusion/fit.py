@@ -29,7 +29,7 @@ from pipelines.config import build, load_yaml, preset, to_dict
 from pipelines.errors import UserError
 from pipelines.image import to_pil
 from pipelines.prior import Conditioning, Prior
-from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, pick_dtype, save_image, versions,
+from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, save_image, versions,
                                write_json, write_yaml)
 from pipelines.training import Stage, checkpoint_step, mixed_precision, run_stage, step_generator
 
@@ -185,8 +185,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     check_resolution(cfg.mesh_resolution)  # before hours of fitting, not after
     device = pick_device(cfg.device)
     with timer("load"):
-        prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
-                                      cfg.beta_schedule, cfg.revision)
+        prior = Prior.from_options(cfg, device)
     if run_dir is None:
         run_dir = make_run_dir(out, "3d", prompt)
         write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "prompt": prompt, "command": command_line()})

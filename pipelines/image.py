@@ -81,15 +81,14 @@ def main(cfg: ImageConfig, prompts: list[str], out: str | Path, progress: bool =
     `accelerate launch` processes (prompt i always uses seed + i, whatever the process count)."""
     from accelerate import PartialState
 
-    from .runtime import pick_device, pick_dtype
+    from .runtime import pick_device
 
     # cpu=True lets torchrun/accelerate launch start several CPU processes (gloo) when there is no GPU.
     state = PartialState(cpu=cfg.device == "cpu" or not torch.cuda.is_available())
     device = state.device if state.num_processes > 1 and cfg.device == "auto" else pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     timer = Timer()
     with timer("load"):
-        prior = Prior.from_pretrained(cfg.model, device, dtype, cfg.allow_pickle, cfg.beta_schedule, cfg.revision)
+        prior = Prior.from_options(cfg, device)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
     with timer("hash"):
         model_hash = prior.content_hash()

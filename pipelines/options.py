@@ -21,6 +21,8 @@ class PriorOptions:
     dtype: str = option("auto", "auto (bf16 on capable GPUs, fp32 on CPU), fp32, fp16 or bf16")
     allow_pickle: bool = option(False, "allow .bin/.ckpt/.pt pickle weights (loaded with weights_only)")
     beta_schedule: Optional[str] = option(None, "noise schedule override: linear, scaled_linear or cosine (default: the model's)")
+    fuse_qkv: bool = option(True, "fuse each attention's q, k and v projections into one matmul (fast path; false: off)")
+    channels_last: Optional[bool] = option(None, "UNet and VAE in channels_last memory format (fast path; default: on CUDA)")
 
     def validate(self) -> None:
         if not self.model.strip():

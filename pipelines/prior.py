@@ -89,6 +89,34 @@ class Prior:
         components = load_components(path, index, allow_pickle)
         return cls(components, torch.device(device), dtype, beta_schedule, model_id, path)
 
+    @classmethod
+    def from_options(cls, cfg, device: torch.device | None = None, speed_up: bool = True) -> "Prior":
+        """The prior a job's `PriorOptions` name, on `device` (default: cfg.device) in cfg.dtype, with the
+        fast path those options switch on (`speed_up`; a job that wraps the UNet first calls it itself)."""
+        from .runtime import pick_device, pick_dtype
+
+        device = pick_device(cfg.device) if device is None else device
+        prior = cls.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
+                                    cfg.beta_schedule, cfg.revision)
+        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last) if speed_up else prior
+
+    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None) -> "Prior":
+        """The fast path, the same maths, on whatever the UNet now is (an AnimateDiff UNet's motion modules
+        included; our temporal attention is torch's MultiheadAttention, one q/k/v matmul already): one q/k/v
+        matmul per diffusers attention (its fused projections and processor) and, on CUDA by default,
+        channels_last convolutions."""
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+        for module in (self.unet, self.vae):
+            if fuse_qkv:
+                for attn in module.modules():
+                    if isinstance(attn, Attention) and type(attn.processor) is AttnProcessor2_0:
+                        attn.fuse_projections()
+                        attn.set_processor(FusedAttnProcessor2_0())
+            if channels_last if channels_last is not None else self.device.type == "cuda":
+                module.to(memory_format=torch.channels_last)
+        return self
+
     def content_hash(self) -> str:
         return content_hash(self.path) if self.path is not None else ""
 

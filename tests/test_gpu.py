@@ -43,3 +43,13 @@ def test_3d_fit_on_cuda_with_nerfacc_and_a_tiny_sd_prior(tiny_sd, tmp_path):
     [d] = list((tmp_path / "3d").iterdir())
     meta = json.loads((d / "metadata.json").read_text())
     assert meta["device"].startswith("cuda") and meta["steps"] == 6 and (d / "mesh.glb").is_file()
+
+
+@requires_cuda
+def test_fast_path_on_cuda_matches_it_off(tiny_sd):
+    """bf16 on CUDA: fused q/k/v + channels_last against the plain layout, within bf16's rounding."""
+    from tests.test_prior import _fast_path_outputs
+
+    (eps, image), (eps_fast, image_fast) = (_fast_path_outputs(tiny_sd, "cuda", torch.bfloat16, fast) for fast in (False, True))
+    torch.testing.assert_close(eps_fast, eps, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(image_fast, image, atol=3e-2, rtol=3e-2)

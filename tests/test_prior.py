@@ -115,3 +115,26 @@ def test_beta_schedules(tiny_sd, schedule):
     assert abar.shape == (1000,) and bool((abar[1:] < abar[:-1]).all())
     sched = make_scheduler("ddim", prior.noise_config)
     assert sched.config.beta_schedule == {"cosine": "squaredcos_cap_v2"}.get(schedule, schedule)
+
+
+def _fast_path_outputs(model, device: str, dtype: torch.dtype, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided UNet's noise and the VAE's decode on fixed inputs, with the fast path on or off."""
+    prior = Prior.from_pretrained(str(model), device, dtype)
+    if fast:
+        prior.speed_up(fuse_qkv=True, channels_last=True)
+    g = torch.Generator().manual_seed(0)
+    size = prior.default_size // prior.vae_scale_factor
+    x = torch.randn(2, prior.latent_channels, size, size, generator=g).to(device)
+    with torch.no_grad():
+        eps = prior.predict_noise(x, 500, prior.encode_prompt(["a red cube", "a blue ball"]), guidance=7.5)
+        return eps.float().cpu(), prior.decode_latents(x).float().cpu()
+
+
+def test_fast_path_is_the_same_maths(tiny_sd):
+    """Fused q/k/v and channels_last change how the work is laid out, not the result."""
+    (eps, image), (eps_fast, image_fast) = (_fast_path_outputs(tiny_sd, "cpu", torch.float32, fast) for fast in (False, True))
+    torch.testing.assert_close(eps_fast, eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(image_fast, image, atol=1e-4, rtol=1e-4)
+    prior = Prior.from_pretrained(str(tiny_sd)).speed_up()
+    fused = [m for m in prior.unet.modules() if type(m).__name__ == "Attention"]
+    assert fused and all(type(m.processor).__name__ == "FusedAttnProcessor2_0" for m in fused)

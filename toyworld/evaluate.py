@@ -27,7 +27,7 @@ from pipelines.image import to_pil
 from pipelines.loading import content_hash
 from pipelines.options import SamplingOptions
 from pipelines.prior import Conditioning, Prior
-from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, pick_dtype, save_image, versions,
+from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, save_image, versions,
                                write_json, write_text, write_yaml)
 from pipelines.sampling import initial_noise, sample
 
@@ -290,11 +290,10 @@ def grid_image(images: torch.Tensor, section: dict, cfg: EvalImageConfig, pad: i
 def main(cfg: EvalImageConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
     """Load the judge and the prior, generate the grid, judge it, write the run directory."""
     device = pick_device(cfg.device)
-    dtype = pick_dtype(cfg.dtype, device)
     timer = Timer()
     judge = load_judge(cfg.judge, device)  # before the prior: a missing judge fails in a second, not a minute
     with timer("load"):
-        prior = Prior.from_pretrained(cfg.model, device, dtype, cfg.allow_pickle, cfg.beta_schedule, cfg.revision)
+        prior = Prior.from_options(cfg, device)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
     run_dir = make_run_dir(out, "eval", "image")
     write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
@@ -310,7 +309,7 @@ def main(cfg: EvalImageConfig, out: str | Path = "outputs", progress: bool = Tru
     write_json(run_dir / "metadata.json", {
         "job": "eval image", "model": prior.model_id, "model_hash": prior.content_hash(), "judge": cfg.judge,
         "judge_hash": content_hash(judge.folder), "seed": cfg.seed, "images": len(images), "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."), "height": images.shape[-2], "width": images.shape[-1],
+        "dtype": str(prior.dtype).removeprefix("torch."), "height": images.shape[-2], "width": images.shape[-1],
         "timings_s": timer.stages, "versions": versions(), "command": command_line(),
     })
     grid = report["grid"]

@@ -21,7 +21,7 @@ from pipelines.config import option, to_dict
 from pipelines.errors import UserError
 from pipelines.options import SamplingOptions
 from pipelines.prior import Prior
-from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, pick_dtype, versions, write_json, write_yaml
+from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, versions, write_json, write_yaml
 from pipelines.sampling import initial_noise, sample
 
 from .export import write_frames, write_gif, write_mp4
@@ -199,12 +199,12 @@ def load_video_prior(cfg: VideoConfig) -> tuple[Prior, str | None, nn.Module | N
     """The prior with its UNet inflated by `cfg.motion` (or the preset's), the motion folder used, and the
     masked-frame model when interpolate= or image= needs one."""
     device = pick_device(cfg.device)
-    prior = Prior.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
-                                  cfg.beta_schedule, cfg.revision)
+    prior = Prior.from_options(cfg, device, speed_up=False)  # the fast path goes on after inflation
     motion = cfg.motion or default_motion(cfg.model)
     spatial = prior.unet
     prior.unet = load_motion(prior, motion)
     masked = load_masked(spatial, prior, cfg) if cfg.interpolate > 1 or cfg.image else None
+    prior.speed_up(cfg.fuse_qkv, cfg.channels_last)  # the masked model shares the spatial UNet, fused here
     return prior, motion, masked
 
 

@@ -35,6 +35,8 @@ def test_3d_fit_on_cuda_with_nerfacc_and_a_tiny_sd_prior(tiny_sd, tmp_path):
     """A few SDS steps through nerfacc's occupancy grid, bf16 autocast, then the export."""
     import json
 
+    pytest.importorskip("av", reason="the turntable export needs PyAV (bench/gpu_check.sh carries no av: 36 MB)")
+
     import run
 
     assert run.main(["3d", "a red cube", f"model={tiny_sd}", "steps=6", "resolution=32", "batch_size=2",
@@ -45,6 +47,7 @@ def test_3d_fit_on_cuda_with_nerfacc_and_a_tiny_sd_prior(tiny_sd, tmp_path):
     assert meta["device"].startswith("cuda") and meta["steps"] == 6 and (d / "mesh.glb").is_file()
 
 
+@pytest.mark.gpu
 @requires_cuda
 def test_fast_path_on_cuda_matches_it_off(tiny_sd):
     """bf16 on CUDA: fused q/k/v + channels_last against the plain layout, within bf16's rounding."""

@@ -47,6 +47,7 @@ def test_train_temporal_empty_video_folder_is_a_clear_error(tiny_sd, tmp_path, c
     assert run.main(["train", "temporal", f"model={tiny_sd}", f"data={empty}", *TINY, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds no readable video" in err and "\n" not in err
+    assert not any((tmp_path / "train").iterdir())  # nothing half-written
 
 
 def test_v_loss_weighting_favours_noisy_steps():
@@ -69,3 +70,11 @@ def test_train_temporal_v_weighting_runs(tiny_sd, tmp_path):
     log = json.loads((d / "losses.json").read_text())
     assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert json.loads((d / "metadata.json").read_text())["config"]["loss_weighting"] == "v"
+
+
+def test_timesteps_range_is_checked(tiny_sd, tmp_path, capsys):
+    for bad in ("timesteps=[500,500]", "timesteps=[-1,10]", "timesteps=[5000,6000]"):
+        assert run.main(["train", "temporal", f"model={tiny_sd}", bad, *TINY, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "timesteps" in err and "\n" not in err
+    assert not (tmp_path / "train").exists() or not any((tmp_path / "train").iterdir())

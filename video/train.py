@@ -12,6 +12,7 @@ Loss: DDPM epsilon on the video latents (Ho et al. 2020, eq. 14); EMA of the tem
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -61,6 +62,8 @@ class TrainTemporalConfig(TrainingOptions):
                                         "max_loss_weight), the v/x0-space loss that weights the noisy steps where layout "
                                         "and motion are decided")
     max_loss_weight: float = option(20.0, "clip of the v weighting's 1/alpha_bar(t)")
+    timesteps: tuple[int, int] = option((0, 1000), "training timesteps drawn uniformly from [first, last): a narrower, "
+                                                   "noisier range trains what the frames cannot tell (the direction) harder")
 
     def validate(self) -> None:
         super().validate()
@@ -73,6 +76,8 @@ class TrainTemporalConfig(TrainingOptions):
             raise UserError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got '{self.mask_mode}'")
         if self.loss_weighting not in ("eps", "v") or self.max_loss_weight < 1:
             raise UserError(f"loss_weighting must be eps or v (and max_loss_weight >= 1), got {self.loss_weighting}")
+        if len(self.timesteps) != 2 or not 0 <= self.timesteps[0] < self.timesteps[1]:
+            raise UserError(f"timesteps must be [first, last) with 0 <= first < last, got {list(self.timesteps)}")
         if self.data != "toyworld" and not Path(self.data).is_dir():
             raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
 
@@ -183,21 +188,28 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
 
     name = "temporal" if cfg.mask_mode == "none" else "interpolation"
     run_dir, cfg = open_run(TrainTemporalConfig, f"train_{name}", cfg, out, name)
-    started = time.monotonic()
-    accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device),
-                        gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
-    device, rank, show = accel.device, accel.process_index, progress and accel.is_main_process
-    prior = Prior.from_pretrained(cfg.model, device, torch.float32)  # frozen; autocast handles precision
+    try:  # a bad option found while loading leaves no run directory behind
+        started = time.monotonic()
+        accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device),
+                            gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
+        device, rank, show = accel.device, accel.process_index, progress and accel.is_main_process
+        prior = Prior.from_pretrained(cfg.model, device, torch.float32)  # frozen; autocast handles precision
+        if cfg.timesteps[0] >= prior.num_train_timesteps:
+            raise UserError(f"timesteps={list(cfg.timesteps)}: the model has {prior.num_train_timesteps} training timesteps")
 
-    # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
-    clips, captions, fps = (toyworld_clips(cfg, prior.default_size, show) if cfg.data == "toyworld"
-                            else folder_clips(cfg, prior.default_size))
-    latents = encode_clips(prior, clips)
-    if not cfg.captions:
-        captions = [""] * len(captions)
-    tok = prior.tokenizer
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
+        clips, captions, fps = (toyworld_clips(cfg, prior.default_size, show) if cfg.data == "toyworld"
+                                else folder_clips(cfg, prior.default_size))
+        latents = encode_clips(prior, clips)
+        if not cfg.captions:
+            captions = [""] * len(captions)
+        tok = prior.tokenizer
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    except UserError:
+        if cfg.resume is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
     # 2. the video UNet: identity-initialised temporal layers (or the checkpoint's), spatial frozen
     torch.manual_seed(cfg.seed)
@@ -214,7 +226,7 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
         idx = torch.randint(len(latents), (cfg.batch_size,), generator=g)
         dropped = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=g)
-        t = torch.randint(prior.num_train_timesteps, (cfg.batch_size,), generator=g)
+        t = torch.randint(cfg.timesteps[0], min(cfg.timesteps[1], prior.num_train_timesteps), (cfg.batch_size,), generator=g)
         mask = known_frames_mask(cfg.mask_mode, cfg.batch_size, cfg.frames, g)
         return {"ids": torch.where(dropped[:, None], empty, ids[idx]).to(device), "z0": latents[idx.to(device)],
                 "noise": noise.to(device), "t": t.to(device), "fps": fps[idx].to(device),

@@ -243,7 +243,6 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
     def ours():
         asset.zero_grad(set_to_none=True)
         objective(step, 0.5, generator(0)).backward()
-        sync_device(device)
 
     def peer():
         asset.zero_grad(set_to_none=True)
@@ -264,7 +263,6 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
         u, c = eps.float().chunk(2)
         w = (1 - prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
         (latents.float() * (w * (u + cfg.guidance * (c - u) - noise.float())).detach()).sum().backward()
-        sync_device(device)
 
     setting = Setting(steps=1, guidance=cfg.guidance, seed=0)
     return Case("sds", ours, peer, _meta(
@@ -294,11 +292,6 @@ def asset_case(size: str, device: str, model: Optional[str] = None, s: Optional[
         "sampler": "sds", "guidance": cfg.guidance, "dtype": "float32",
         "includes": "load + fit + marching cubes + OBJ/GLB/PLY + both turntables", "target_s": 600.0,
         "target": "≤ 10 min on 2 CPU cores"})
-
-
-def sync_device(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 CASES = {"image": image_case, "video": video_case, "video-toyworld": toyworld_video_case, "sds": sds_case,

@@ -43,6 +43,7 @@ from .render import SDFS, render
 from .world import COLOR_NAMES, SHAPES, VIEWS, Scene
 
 logger = logging.getLogger(__name__)
+HIT_METRICS = {"color_accuracy": "color", "shape_accuracy": "shape", "view_agreement": "view"}  # metric -> judge head
 BARS = {"median_iou": 0.6, "min_shape_iou": 0.4, "color_accuracy": 0.9, "shape_accuracy": 0.8, "view_agreement": 0.7}
 
 
@@ -153,12 +154,10 @@ def summarise(rows: list[dict]) -> dict:
                  for s in dict.fromkeys(r["shape_name"] for r in rows)}
     rate = lambda hits: round(sum(hits) / len(hits), 4)  # noqa: E731
     out = {"assets": len(rows), "median_iou": round(statistics.median(ious), 4), "per_shape_iou": per_shape,
-           "min_shape_iou": round(min(per_shape.values()), 4),
-           "color_accuracy": rate([h for r in rows for h in r["color_hits"]]),
-           "shape_accuracy": rate([h for r in rows for h in r["shape_hits"]]),
-           "view_agreement": rate([h for r in rows for h in r["view_hits"]])}
-    out["ground_truth"] = {f"{k}_accuracy" if k != "view" else "view_agreement":
-                           rate([h for r in rows for h in r["ground_truth_hits"][k]]) for k in ("color", "shape", "view")}
+           "min_shape_iou": round(min(per_shape.values()), 4)}
+    out.update({metric: rate([h for r in rows for h in r[f"{head}_hits"]]) for metric, head in HIT_METRICS.items()})
+    out["ground_truth"] = {metric: rate([h for r in rows for h in r["ground_truth_hits"][head]])
+                           for metric, head in HIT_METRICS.items()}
     out["passes"] = {k: out[k] >= bar for k, bar in BARS.items()}
     return out
 
@@ -169,8 +168,7 @@ def markdown(report: dict) -> str:
              "own render of each object from the same cameras (what the judge can reach).", "",
              "| metric | value | bar | pass | ground truth |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {s[k]:.3f} | {bar} | {'yes' if s['passes'][k] else 'no'} | "
-              f"{truth[k]:.3f} |" if k in truth else f"| {k} | {s[k]:.3f} | {bar} | {'yes' if s['passes'][k] else 'no'} | |"
-              for k, bar in BARS.items()]
+              f"{f'{truth[k]:.3f}' if k in truth else ''} |" for k, bar in BARS.items()]
     lines += ["", "| shape | median IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
     lines += ["", "| prompt | seed | IoU | colour | shape | view | view (ground truth) |", "|---|---|---|---|---|---|---|"]
     count = lambda hits: f"{sum(hits)}/{len(hits)}"  # noqa: E731

@@ -16,3 +16,8 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and
 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_dreamfusion_render.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
 python3 -m bench --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --cases "${CASES:-image,video,sds}" --repeats 3 \
   --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -40
+# torch.compile'd ours as its own table (-compiled), its compile time in the warm-up column: COMPILE=1
+if [ -n "${COMPILE:-}" ]; then
+  python3 -m bench --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --cases "${COMPILE_CASES:-video,sds}" --repeats 3 \
+    --compile --out "$OUT/bench" 2>&1 | tee "$OUT/bench_compiled.log" | tail -20
+fi

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import datetime
 import gc
 import logging
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # `python bench/run.py`: make the repository impo
 
 import torch
 
-from bench.cases import CASES, Case
+from bench.cases import CASES, SETTINGS, Case
 from pipelines.runtime import versions, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -156,7 +157,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Benchmark: size {report['size']} on {report['device_name']} ({report['date']})", "",
         f"{report['threads']} torch CPU thread(s); median of {report['repeats']} run(s) per side after one warm-up "
-        f"run each (reported apart), ours and peer interleaved. Peak memory: {report['memory']}.", "",
+        f"run each (reported apart), ours and peer interleaved. Peak memory: {report['memory']}."
+        + (" Ours with torch.compile: its warm-up includes the compile." if report.get("compile") else ""), "",
         "| case | ours (s) | peer (s) | ours/peer | warm-up ours / peer (s) | peak memory ours / peer "
         "| max abs diff | torch | diffusers | shapes, steps |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -204,6 +206,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from: {', '.join(CASES)} (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per side after one warm-up; the median is reported")
     p.add_argument("--out", default=str(RESULTS), help="folder for <date>-<device>.json and .md")
+    p.add_argument("--compile", action="store_true",
+                   help="ours also with torch.compile (compile=true); the compile time shows in the warm-up column")
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # small cases' model (tests: tiny weights)
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -234,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {name} ({args.size}, {args.device}): building", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            case = CASES[name](args.size, args.device, args.model)
+            case = CASES[name](args.size, args.device, args.model,
+                               dataclasses.replace(SETTINGS[args.size], compile=args.compile))
             setup_s = time.perf_counter() - start
             row = run_case(case, args.repeats, args.device)
             row["setup_s"] = setup_s
@@ -249,12 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     report = {
         "date": datetime.date.today().isoformat(), "device": args.device, "device_name": device_name(args.device),
-        "size": args.size, "repeats": args.repeats, "threads": torch.get_num_threads(), "versions": versions(),
+        "size": args.size, "compile": args.compile, "repeats": args.repeats, "threads": torch.get_num_threads(), "versions": versions(),
         "memory": "torch.cuda.max_memory_allocated (weights included)" if args.device == "cuda"
                   else "rise of process RSS during a run (weights excluded)",
         "cases": rows,
     }
-    stem = f"{report['date']}-{args.device}" + ("" if args.size == "small" else f"-{args.size}")
+    stem = (f"{report['date']}-{args.device}" + ("" if args.size == "small" else f"-{args.size}")
+            + ("-compiled" if args.compile else ""))
     out = Path(args.out)
     write_json(out / f"{stem}.json", report)
     table = markdown(report)

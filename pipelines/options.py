@@ -23,6 +23,8 @@ class PriorOptions:
     beta_schedule: Optional[str] = option(None, "noise schedule override: linear, scaled_linear or cosine (default: the model's)")
     fuse_qkv: bool = option(True, "fuse each attention's q, k and v projections into one matmul (fast path; false: off)")
     channels_last: Optional[bool] = option(None, "UNet and VAE in channels_last memory format (fast path; default: on CUDA)")
+    compile: bool = option(False, "torch.compile the UNet for static shapes (fast path on GPU; the first run compiles, "
+                                  "later ones reuse ~/.cache/text2world/inductor)")
 
     def validate(self) -> None:
         if not self.model.strip():

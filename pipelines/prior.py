@@ -15,6 +15,7 @@ classifier-free guidance. `predict_noise` always returns epsilon, whatever the m
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,11 @@ from .loading import check_folder, content_hash, load_components, resolve_model
 from .schedulers import beta_schedule_config
 
 logger = logging.getLogger(__name__)
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps generated kernels between runs (TORCHINDUCTOR_CACHE_DIR wins if set)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "text2world" / "inductor"
 
 
 @dataclass
@@ -98,13 +104,15 @@ class Prior:
         device = pick_device(cfg.device) if device is None else device
         prior = cls.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
                                     cfg.beta_schedule, cfg.revision)
-        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last) if speed_up else prior
+        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile) if speed_up else prior
 
-    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None) -> "Prior":
+    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None, compile: bool = False) -> "Prior":
         """The fast path, the same maths, on whatever the UNet now is (an AnimateDiff UNet's motion modules
         included; our temporal attention is torch's MultiheadAttention, one q/k/v matmul already): one q/k/v
-        matmul per diffusers attention (its fused projections and processor) and, on CUDA by default,
-        channels_last convolutions."""
+        matmul per diffusers attention (its fused projections and processor), on CUDA by default
+        channels_last convolutions, and with `compile` the UNet compiled in place by torch.compile for
+        static shapes, its kernels kept in a cache on disk (`compile_cache_dir`) so a second run skips
+        the code generation."""
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
         for module in (self.unet, self.vae):
@@ -115,6 +123,9 @@ class Prior:
                         attn.set_processor(FusedAttnProcessor2_0())
             if channels_last if channels_last is not None else self.device.type == "cuda":
                 module.to(memory_format=torch.channels_last)
+        if compile:
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+            self.unet.compile(dynamic=False)
         return self
 
     def content_hash(self) -> str:

@@ -56,3 +56,15 @@ def test_fast_path_on_cuda_matches_it_off(tiny_sd):
     (eps, image), (eps_fast, image_fast) = (_fast_path_outputs(tiny_sd, "cuda", torch.bfloat16, fast) for fast in (False, True))
     torch.testing.assert_close(eps_fast, eps, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(image_fast, image, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_compiled_unet_on_cuda_matches_it_off(tiny_sd):
+    """compile=true on CUDA in bf16 against the eager fast path, within bf16's rounding."""
+    from tests.test_prior import _fast_path_outputs
+
+    torch._dynamo.reset()
+    (eps, _), (eps_compiled, _) = (_fast_path_outputs(tiny_sd, "cuda", torch.bfloat16, True, compile=c) for c in (False, True))
+    torch.testing.assert_close(eps_compiled, eps, atol=3e-2, rtol=3e-2)
+    torch._dynamo.reset()

@@ -117,11 +117,12 @@ def test_beta_schedules(tiny_sd, schedule):
     assert sched.config.beta_schedule == {"cosine": "squaredcos_cap_v2"}.get(schedule, schedule)
 
 
-def _fast_path_outputs(model, device: str, dtype: torch.dtype, fast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fast_path_outputs(model, device: str, dtype: torch.dtype, fast: bool,
+                       compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The guided UNet's noise and the VAE's decode on fixed inputs, with the fast path on or off."""
     prior = Prior.from_pretrained(str(model), device, dtype)
     if fast:
-        prior.speed_up(fuse_qkv=True, channels_last=True)
+        prior.speed_up(fuse_qkv=True, channels_last=True, compile=compile)
     g = torch.Generator().manual_seed(0)
     size = prior.default_size // prior.vae_scale_factor
     x = torch.randn(2, prior.latent_channels, size, size, generator=g).to(device)
@@ -138,3 +139,18 @@ def test_fast_path_is_the_same_maths(tiny_sd):
     prior = Prior.from_pretrained(str(tiny_sd)).speed_up()
     fused = [m for m in prior.unet.modules() if type(m).__name__ == "Attention"]
     assert fused and all(type(m.processor).__name__ == "FusedAttnProcessor2_0" for m in fused)
+
+
+def test_compiled_unet_is_the_same_maths_and_caches_its_kernels(tiny_sd, tmp_path, monkeypatch):
+    """compile=true: torch.compile of the UNet in place (still the same module), the same numbers,
+    and its generated code lands in the on-disk cache a second run reuses."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    torch._dynamo.reset()
+    (eps, image), (eps_compiled, image_compiled) = (
+        _fast_path_outputs(tiny_sd, "cpu", torch.float32, True, compile=c) for c in (False, True))
+    torch.testing.assert_close(eps_compiled, eps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(image_compiled, image)  # the VAE is not compiled
+    assert any((tmp_path / "inductor").rglob("*.py"))
+    prior = Prior.from_pretrained(str(tiny_sd)).speed_up(compile=True)
+    assert type(prior.unet).__name__ == "UNet2DConditionModel" and prior.unet._compiled_call_impl is not None
+    torch._dynamo.reset()

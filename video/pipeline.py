@@ -204,7 +204,7 @@ def load_video_prior(cfg: VideoConfig) -> tuple[Prior, str | None, nn.Module | N
     spatial = prior.unet
     prior.unet = load_motion(prior, motion)
     masked = load_masked(spatial, prior, cfg) if cfg.interpolate > 1 or cfg.image else None
-    prior.speed_up(cfg.fuse_qkv, cfg.channels_last)  # the masked model shares the spatial UNet, fused here
+    prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile)  # the masked model shares the spatial UNet, fused here
     return prior, motion, masked
 
 

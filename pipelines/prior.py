@@ -33,6 +33,15 @@ def compile_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "text2world" / "inductor"
 
 
+def _torch_cache_dir() -> str | None:
+    """Inductor's default cache folder (under /tmp), which it writes into the environment on first use."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch layout: only an unset variable is ours to set
+        return None
+    return default_cache_dir()
+
+
 @dataclass
 class Conditioning:
     """Text embeddings for a batch: `cond` for the prompts, `uncond` for the negative prompts. (B, L, D).
@@ -124,7 +133,8 @@ class Prior:
             if channels_last if channels_last is not None else self.device.type == "cuda":
                 module.to(memory_format=torch.channels_last)
         if compile:
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_cache_dir()):  # unset, or torch's own /tmp one
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
             self.unet.compile(dynamic=False)
         return self
 

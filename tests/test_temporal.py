@@ -4,7 +4,7 @@ import torch
 
 from pipelines import Prior
 from pipelines.prior import Conditioning
-from video.temporal import TemporalConv, inflate
+from video.temporal import TemporalConfig, TemporalConv, inflate
 
 
 def test_inflated_unet_equals_image_unet_per_frame_at_init(tiny_sd):
@@ -171,3 +171,62 @@ def test_prompt_chosen_shift_kernel_starts_at_zero_and_learns_from_the_first_ste
             kernel = chosen.shift.weight + torch.einsum("r,r...->...", mix[i], chosen.shift_basis)
             one = F.conv3d(x.reshape(b, f, c, 5, 5)[i].transpose(0, 1)[None], kernel, padding=(1, 1, 1), groups=c)
             torch.testing.assert_close(mixed[i], one[0], atol=1e-5, rtol=1e-5)
+
+
+def test_drift_moves_each_frame_by_its_time_and_learns_from_the_first_step():
+    """drift: frame j of clip i moves by tau(i, j) v(i), to first order. It starts as the identity, its
+    velocity gets a gradient at once, and a velocity of one pixel per second moves a smooth pattern
+    by tau pixels (against the exactly shifted pattern)."""
+    torch.manual_seed(0)
+    b, f, c, size = 2, 4, 3, 24
+    cond = torch.randn(b, 16)
+    tau = torch.tensor([[-1.5, -0.5, 0.5, 1.5], [-0.75, -0.25, 0.25, 0.75]]) / 8
+    layer = TemporalConv(c, 3, cond_dim=16, drift=True)
+    x = torch.randn(b * f, c, size, size)
+    torch.testing.assert_close(layer(x, f, cond, tau), x)  # identity at initialisation
+    try:
+        layer(x, f, cond)
+    except ValueError as e:
+        assert "time" in str(e)
+    else:
+        raise AssertionError("a drifting layer ran without the frames' times")
+    # frames before the centre want one thing, frames after it the opposite: the mean over time is zero
+    want = torch.randn(b, 1, c, size, size) * torch.sign(tau)[..., None, None, None]
+    (layer(x, f, cond, tau) * want.reshape(b * f, c, size, size)).sum().backward()
+    assert layer.velocity.weight.grad.abs().max() > 1e-3
+
+    # v = (+1 px/s along x, 0) for clip 0, (0, -2 px/s along y) for clip 1, on a smooth blob
+    with torch.no_grad():
+        layer.velocity.weight.zero_()
+        layer.velocity.bias.zero_()
+    grid = torch.arange(size, dtype=torch.float32) - size / 2
+    blob = lambda dx, dy: torch.exp(-((grid[None, :] - dx) ** 2 + (grid[:, None] - dy) ** 2) / 18)
+    x = blob(0, 0).expand(b * f, c, size, size)
+    velocity = torch.tensor([[1.0, 0.0], [0.0, -2.0]])  # (b, (v_x, v_y)) px/s
+    with torch.no_grad():  # the same velocity for every channel, read from the conditioning
+        cond = torch.zeros(b, 16)
+        cond[:, :2] = velocity
+        layer.velocity.weight[:c, 0] = 1.0
+        layer.velocity.weight[c:, 1] = 1.0
+        moved = layer(x, f, cond, tau * 8).reshape(b, f, c, size, size)
+    for i in range(b):
+        for j in range(f):
+            dx, dy = (tau[i, j] * 8 * velocity[i]).tolist()
+            err = (moved[i, j, 0] - blob(dx, dy)).abs().max()
+            unmoved = (x[0, 0] - blob(dx, dy)).abs().max()
+            assert err < 0.5 * unmoved, (i, j, dx, dy, err, unmoved)  # first order: most of a move up to 1.5 px
+
+
+def test_video_unet_gives_each_frame_its_time_from_the_centre(tiny_sd):
+    """tau = (frame - (F - 1) / 2) / fps seconds, clamped to the config's time_range."""
+    prior = Prior.from_pretrained(str(tiny_sd))
+    width = prior.unet.config.cross_attention_dim
+    video_unet = inflate(prior.unet, TemporalConfig(text_dim=width, drift=True, time_range=0.5))
+    seen = []
+    layer = next(m for m in video_unet.temporal.layers.values() if isinstance(m, TemporalConv))
+    layer.register_forward_hook(lambda m, args, out: seen.append(args[3]))
+    text = prior.encode_prompt(["a red cube", "a blue ball"]).cond
+    with torch.no_grad():
+        video_unet(torch.randn(2, 4, 5, 8, 8), 500, text, fps=torch.tensor([4.0, 8.0]))
+    expected = torch.tensor([[-0.5, -0.25, 0.0, 0.25, 0.5], [-0.25, -0.125, 0.0, 0.125, 0.25]])
+    torch.testing.assert_close(seen[0], expected)

@@ -78,3 +78,43 @@ def test_timesteps_range_is_checked(tiny_sd, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "timesteps" in err and "\n" not in err
     assert not (tmp_path / "train").exists() or not any((tmp_path / "train").iterdir())
+
+
+def test_noise_start_clips_see_pure_noise_and_target_the_clip(monkeypatch):
+    """noise_start: a `pure` clip's input is the noise alone (what the sampler's first step sees), and its
+    target is the noise that makes that input from the clip at t, so predicting it means predicting z0."""
+    from diffusers import DDPMScheduler
+
+    from video.train import TemporalObjective
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):  # a video UNet that predicts a fixed guess and records its input
+        temporal = type("T", (), {"cfg": type("C", (), {"word_states": False})()})()
+
+        def forward(self, x_t, t, emb, **kwargs):
+            seen["x_t"] = x_t
+            return type("Out", (), {"sample": torch.zeros_like(x_t)})()
+
+    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    objective = TemporalObjective(Recorder(), None, abar)
+    monkeypatch.setattr("video.train.embed_tokens", lambda encoder, ids, words=False: (torch.zeros(len(ids), 3, 8), None))
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
+    loss = objective(torch.zeros(2, 5, dtype=torch.long), z0, noise, torch.tensor([950, 950]), torch.tensor([8.0, 8.0]),
+                     pure=torch.tensor([True, False]))
+    a = abar[950]
+    torch.testing.assert_close(seen["x_t"][0], noise[0])  # nothing of the clip in the pure input
+    torch.testing.assert_close(seen["x_t"][1], a.sqrt() * z0[1] + (1 - a).sqrt() * noise[1])
+    target = torch.stack([(noise[0] - a.sqrt() * z0[0]) / (1 - a).sqrt(), noise[1]])
+    torch.testing.assert_close(loss, target.pow(2).mean(dim=(1, 2, 3, 4)).mean())  # zero prediction: mean square
+
+
+def test_train_temporal_noise_start_runs_and_is_checked(tiny_sd, tmp_path, capsys):
+    assert run.main(["train", "temporal", f"model={tiny_sd}", *TINY, "noise_start=0.5", "--out", str(tmp_path / "ok")]) == 0
+    d = only_run(tmp_path / "ok")
+    assert json.loads((d / "metadata.json").read_text())["config"]["noise_start"] == 0.5
+    assert [p.name for p in (d / "checkpoints").iterdir()] == ["temporal"]  # the stage keeps its name
+    for bad in ("noise_start=1.5", "noise_start_timesteps=[990,900]"):
+        assert run.main(["train", "temporal", f"model={tiny_sd}", bad, *TINY, "--out", str(tmp_path / "bad")]) == 2
+        assert "noise_start" in capsys.readouterr().err

@@ -32,6 +32,18 @@ kernel is therefore made per clip: the shared kernel plus a mix of r zero-initia
 weighted by a (random-initialised) linear map of the conditioning vector. A basis kernel's gradient is
 then the correlation of its weight with each clip's own best kernel, non-zero from the first step.
 
+A kernel per clip is the same for every frame, so frames that all show the object in the same place
+stay in the same place: it can carry motion the noisy frames already show, not start it. Yet at the
+noisy steps where a clip's layout is decided, each frame must be told where it lies on the prompt's
+path (ToyWorld's clips are centred on their midpoint: "moving left" puts the object right of centre in
+the first frame, left of it in the last). With `drift` each pseudo-3D convolution also moves its input
+by a prompt-chosen velocity times the frame's time tau from the clip's centre (seconds), to first
+order: x + tau (v_x dx/dx + v_y dx/dy), the derivatives fixed central differences, v = (v_x, v_y) per
+channel a zero-initialised linear map of the conditioning. Its gradient is at once the regression of
+"which way each frame's content should go" on the prompt, with no kernel to discover first. Tau is
+clamped to `time_range` seconds, the half span of the training clips, so long videos never drift
+further than training saw.
+
 The temporal layers are one `TemporalLayers` module with its own state dict, saved as its own
 safetensors file; `freeze_spatial()` leaves only them trainable.
 """
@@ -65,6 +77,8 @@ class TemporalConfig:
     text_queries: int = 4  # learned queries that attention-pool the prompt's token states
     word_states: bool = False  # also pool the text encoder's word embeddings (its first hidden states)
     shift_rank: int = 0  # basis kernels of the per-clip (conditioned) depthwise 3D convolution; 0: one shared kernel
+    drift: bool = False  # move each frame's features by a prompt-chosen velocity x its time from the clip's centre
+    time_range: float = 1.0  # seconds from the clip's centre beyond which tau is clamped (the training clips' half span)
 
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -92,7 +106,8 @@ class TemporalConv(nn.Module):
     (frames x 3 x 3) convolution that can move content between neighbouring pixels from frame to frame,
     its kernel chosen per clip by the conditioning when `shift_rank` > 0 (module docstring)."""
 
-    def __init__(self, channels: int, kernel_size: int = 3, cond_dim: int | None = None, shift_rank: int = 0):
+    def __init__(self, channels: int, kernel_size: int = 3, cond_dim: int | None = None, shift_rank: int = 0,
+                 drift: bool = False):
         super().__init__()
         self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
         nn.init.dirac_(self.conv.weight)
@@ -100,7 +115,7 @@ class TemporalConv(nn.Module):
         self.shift = nn.Conv3d(channels, channels, (kernel_size, 3, 3), padding=(kernel_size // 2, 1, 1),
                                groups=channels, bias=False)
         nn.init.zeros_(self.shift.weight)
-        self.film = self.shift_mix = self.shift_basis = None
+        self.film = self.shift_mix = self.shift_basis = self.velocity = None
         if cond_dim is not None:
             self.film = nn.Linear(cond_dim, 2 * channels)
             nn.init.zeros_(self.film.weight)
@@ -108,8 +123,15 @@ class TemporalConv(nn.Module):
             if shift_rank > 0:
                 self.shift_mix = nn.Linear(cond_dim, shift_rank)  # random: clips differ in their mix at once
                 self.shift_basis = nn.Parameter(torch.zeros(shift_rank, *self.shift.weight.shape))
+            if drift:  # (v_x, v_y) per channel, in pixels of this layer per second
+                self.velocity = nn.Linear(cond_dim, 2 * channels)
+                nn.init.zeros_(self.velocity.weight)
+                nn.init.zeros_(self.velocity.bias)
 
-    def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> torch.Tensor:
+        """(b f, c, h, w) features, the clip's conditioning (b, cond_dim) and each frame's time from the
+        clip's centre (b, f) in seconds (read only with `drift`)."""
         b = x.shape[0] // frames
         h, w = x.shape[-2:]
         if cond is not None and self.film is not None:  # (b, cond_dim): one scale and shift per clip and channel
@@ -118,8 +140,9 @@ class TemporalConv(nn.Module):
             x = rearrange(x, "b f c h w -> (b f) c h w")
         y = rearrange(self.conv(rearrange(x, "(b f) c h w -> (b h w) c f", f=frames)),
                       "(b h w) c f -> (b f) c h w", b=b, h=h, w=w)
-        return y + rearrange(self._move(rearrange(x, "(b f) c h w -> b c f h w", b=b), cond),
-                             "b c f h w -> (b f) c h w")
+        y = y + rearrange(self._move(rearrange(x, "(b f) c h w -> b c f h w", b=b), cond),
+                          "b c f h w -> (b f) c h w")
+        return y if self.velocity is None or cond is None else y + self._drift(x, frames, cond, time)
 
     def _move(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """The depthwise (frames x 3 x 3) convolution of (b, c, f, h, w): shared, or one kernel per clip."""
@@ -131,6 +154,21 @@ class TemporalConv(nn.Module):
         moved = F.conv3d(rearrange(x, "b c f h w -> 1 (b c) f h w"), rearrange(kernels, "b c o k t u -> (b c) o k t u"),
                          padding=self.shift.padding, groups=b * c)
         return rearrange(moved, "1 (b c) f h w -> b c f h w", b=b)
+
+    def _drift(self, x: torch.Tensor, frames: int, cond: torch.Tensor, time: torch.Tensor | None) -> torch.Tensor:
+        """tau (v_x dx/dx + v_y dx/dy) for (b f, c, h, w) features: the first-order change of moving each
+        frame by its time from the clip's centre times the clip's velocity (central differences)."""
+        if time is None:
+            raise ValueError("these temporal layers drift with the frame's time: pass time= (b, f) seconds")
+        padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+        d_x = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
+        d_y = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
+        v_x, v_y = rearrange(self.velocity(cond).to(x.dtype), "b (two c) -> two b 1 c 1 1", two=2)
+        tau = rearrange(time.to(x.dtype), "b f -> b f 1 1 1")
+        # content at p - tau v now sits at p: x(p - tau v) - x(p) ~ -tau v . grad x
+        step = -tau * (v_x * rearrange(d_x, "(b f) c h w -> b f c h w", f=frames)
+                       + v_y * rearrange(d_y, "(b f) c h w -> b f c h w", f=frames))
+        return rearrange(step, "b f c h w -> (b f) c h w")
 
 
 class TemporalAttention(nn.Module):
@@ -151,7 +189,8 @@ class TemporalAttention(nn.Module):
         self.window = cfg.window
         self.register_buffer("positions", sinusoidal(torch.arange(cfg.max_frames), channels), persistent=False)
 
-    def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: int, cond: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> torch.Tensor:  # time: frame positions enter as indices
         b = x.shape[0] // frames
         h, w = x.shape[-2:]
         tokens = rearrange(self.norm(x), "(b f) c h w -> (b h w) f c", f=frames)
@@ -189,7 +228,8 @@ class TemporalLayers(nn.Module):
         for name, module in unet.named_modules():
             kind = type(module).__name__
             if kind == "ResnetBlock2D":
-                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size, cfg.cond_dim, cfg.shift_rank)
+                layers[name] = TemporalConv(module.out_channels, cfg.kernel_size, cfg.cond_dim, cfg.shift_rank,
+                                             cfg.drift)
             elif kind == "Transformer2DModel":
                 channels = module.out_channels or module.in_channels
                 layers[name] = TemporalAttention(channels, cfg)
@@ -250,6 +290,7 @@ class VideoUNet(nn.Module):
         self.unet, self.temporal = unet, temporal
         self._frames: int | None = None
         self._cond: torch.Tensor | None = None
+        self._time: torch.Tensor | None = None  # (b, f) seconds from the clip's centre, clamped to time_range
         self._known: torch.Tensor | None = None  # ((b f), C + 1, h, w): known latents * mask, and the mask
         for name in temporal.spatial_names():
             unet.get_submodule(name).register_forward_hook(self._hook(temporal.layers[name.replace(".", "__")]))
@@ -269,8 +310,8 @@ class VideoUNet(nn.Module):
             if self._frames is None:  # image mode: the spatial block's output, untouched
                 return output
             if isinstance(output, tuple):  # Transformer2DModel(return_dict=False) -> (sample,)
-                return (layer(output[0], self._frames, self._cond),) + tuple(output[1:])
-            return layer(output, self._frames, self._cond)
+                return (layer(output[0], self._frames, self._cond, self._time),) + tuple(output[1:])
+            return layer(output, self._frames, self._cond, self._time)
         return after_spatial_block
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
@@ -287,7 +328,9 @@ class VideoUNet(nn.Module):
         t = t.repeat_interleave(f) if t.ndim == 1 else t
         fps = torch.as_tensor(fps, device=sample.device, dtype=torch.float32).expand(b)
         cond = self.temporal.condition(encoder_hidden_states, fps, words).to(sample.dtype)
-        self._frames, self._cond = f, cond
+        time_range = self.temporal.cfg.time_range
+        time = (torch.arange(f, device=sample.device) - (f - 1) / 2)[None, :] / fps[:, None]
+        self._frames, self._cond, self._time = f, cond, time.clamp(-time_range, time_range)
         if known is not None:  # classifier-free guidance doubles the batch; the known frames are the same
             known, mask = (y.repeat(b // y.shape[0], 1, 1, 1, 1) for y in (known, mask))
             mask = mask.expand(-1, -1, -1, *known.shape[-2:])  # a per-frame (b, 1, f, 1, 1) mask is fine too
@@ -296,7 +339,7 @@ class VideoUNet(nn.Module):
             out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states.repeat_interleave(f, 0),
                             **unet_kwargs).sample
         finally:
-            self._frames = self._cond = self._known = None
+            self._frames = self._cond = self._time = self._known = None
         return VideoUNetOutput(rearrange(out, "(b f) c h w -> b c f h w", f=f))
 
     def freeze_spatial(self) -> "VideoUNet":

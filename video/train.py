@@ -7,6 +7,12 @@ conditioning means something), encoded once to latents; or a folder of video fil
 decoded with PyAV; optional `captions.txt` of `file<TAB>caption` lines). `captions=false` trains
 on unlabeled video as the paper does: every prompt is empty and the layers learn motion alone.
 Loss: DDPM epsilon on the video latents (Ho et al. 2020, eq. 14); EMA of the temporal weights.
+
+`noise_start`: the sampler's first steps see pure noise, while training at the same t sees a faint
+copy of the clip (SD's schedule never reaches zero signal, Lin et al. 2024), from which the layout and
+the direction of motion can be read without the prompt. A fraction of clips is therefore trained on
+pure noise, with the target that makes predicting it mean predicting E[z0 | prompt]: on ToyWorld the
+x0 estimate from pure noise is where the prompt's motion must show first.
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class TrainTemporalConfig(TrainingOptions):
                                      "hidden states), which keep motion words an image-only encoder learned to ignore")
     shift_rank: int = option(8, "basis kernels of the prompt-chosen depthwise 3D convolution that moves content "
                                 "(0: one kernel for every prompt, which cannot tell left from right)")
+    drift: bool = option(True, "each frame's features also move by a prompt-chosen velocity times the frame's time "
+                               "from the clip's centre, so the noisy steps can place each frame on the prompt's path")
     mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
@@ -62,6 +70,9 @@ class TrainTemporalConfig(TrainingOptions):
                                         "max_loss_weight), the v/x0-space loss that weights the noisy steps where layout "
                                         "and motion are decided")
     max_loss_weight: float = option(20.0, "clip of the v weighting's 1/alpha_bar(t)")
+    noise_start: float = option(0.0, "fraction of clips trained as the sampler's first steps see them: pure noise in, "
+                                      "at t in noise_start_timesteps, target the noise that would make it from the clip")
+    noise_start_timesteps: tuple[int, int] = option((900, 1000), "[first, last) timesteps of the noise_start clips")
     timesteps: tuple[int, int] = option((0, 1000), "training timesteps drawn uniformly from [first, last): a narrower, "
                                                    "noisier range trains what the frames cannot tell (the direction) harder")
 
@@ -76,8 +87,12 @@ class TrainTemporalConfig(TrainingOptions):
             raise UserError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got '{self.mask_mode}'")
         if self.loss_weighting not in ("eps", "v") or self.max_loss_weight < 1:
             raise UserError(f"loss_weighting must be eps or v (and max_loss_weight >= 1), got {self.loss_weighting}")
-        if len(self.timesteps) != 2 or not 0 <= self.timesteps[0] < self.timesteps[1]:
-            raise UserError(f"timesteps must be [first, last) with 0 <= first < last, got {list(self.timesteps)}")
+        for name in ("timesteps", "noise_start_timesteps"):
+            value = getattr(self, name)
+            if len(value) != 2 or not 0 <= value[0] < value[1]:
+                raise UserError(f"{name} must be [first, last) with 0 <= first < last, got {list(value)}")
+        if not 0 <= self.noise_start <= 1:
+            raise UserError(f"noise_start is a fraction of clips in [0, 1], got {self.noise_start}")
         if self.data != "toyworld" and not Path(self.data).is_dir():
             raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
 
@@ -168,9 +183,17 @@ class TemporalObjective(torch.nn.Module):
         weight = torch.ones_like(alphas_cumprod) if weighting == "eps" else (1 / alphas_cumprod).clamp(max=max_weight)
         self.register_buffer("weight", weight / weight.mean(), persistent=False)  # mean 1 over uniform t
 
-    def forward(self, ids, z0, noise, t, fps, mask=None) -> torch.Tensor:
+    def forward(self, ids, z0, noise, t, fps, mask=None, pure=None) -> torch.Tensor:
+        """`pure` (b,) bool: clips whose input is the noise alone, as the sampler's first step sees it (its
+        x_T holds nothing of any clip, while training's x_t at the same t still holds a faint copy of z0,
+        which gives away the layout and the direction). Their target is the noise that, added to z0 at t,
+        makes that input: (x_t - sqrt(abar) z0) / sqrt(1 - abar), so the UNet must predict E[z0 | prompt]."""
         abar = self.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
         x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        if pure is not None:
+            pure = pure.view(-1, 1, 1, 1, 1)
+            x_t = torch.where(pure, noise, x_t)
+            noise = torch.where(pure, (noise - abar.sqrt() * z0) / (1 - abar).sqrt(), noise)
         with torch.no_grad():
             emb, words = embed_tokens(self.text_encoder, ids, words=self.video_unet.temporal.cfg.word_states)
         known = None if mask is None else z0  # the known frames are given clean, as at inference
@@ -194,8 +217,10 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
                             gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
         device, rank, show = accel.device, accel.process_index, progress and accel.is_main_process
         prior = Prior.from_pretrained(cfg.model, device, torch.float32)  # frozen; autocast handles precision
-        if cfg.timesteps[0] >= prior.num_train_timesteps:
-            raise UserError(f"timesteps={list(cfg.timesteps)}: the model has {prior.num_train_timesteps} training timesteps")
+        for option_name in ("timesteps", "noise_start_timesteps"):
+            if getattr(cfg, option_name)[0] >= prior.num_train_timesteps:
+                raise UserError(f"{option_name}={list(getattr(cfg, option_name))}: the model has "
+                                f"{prior.num_train_timesteps} training timesteps")
 
         # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
         clips, captions, fps = (toyworld_clips(cfg, prior.default_size, show) if cfg.data == "toyworld"
@@ -215,7 +240,9 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
     torch.manual_seed(cfg.seed)
     video_unet = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim,
                                                     cond_dim=cfg.cond_dim, window=cfg.frames,
-                                                    word_states=cfg.word_states, shift_rank=cfg.shift_rank),
+                                                    word_states=cfg.word_states, shift_rank=cfg.shift_rank,
+                                                    drift=cfg.drift,
+                                                    time_range=(cfg.frames - 1) / 2 / float(fps.min())),
                         weights=cfg.init)
     video_unet.freeze_spatial()
     params = [p for p in video_unet.temporal.parameters()]
@@ -228,9 +255,15 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=g)
         t = torch.randint(cfg.timesteps[0], min(cfg.timesteps[1], prior.num_train_timesteps), (cfg.batch_size,), generator=g)
         mask = known_frames_mask(cfg.mask_mode, cfg.batch_size, cfg.frames, g)
+        pure = None
+        if cfg.noise_start > 0:
+            pure = torch.rand(cfg.batch_size, generator=g) < cfg.noise_start
+            late = torch.randint(cfg.noise_start_timesteps[0], min(cfg.noise_start_timesteps[1], prior.num_train_timesteps),
+                                 (cfg.batch_size,), generator=g)
+            t = torch.where(pure, late, t)
         return {"ids": torch.where(dropped[:, None], empty, ids[idx]).to(device), "z0": latents[idx.to(device)],
                 "noise": noise.to(device), "t": t.to(device), "fps": fps[idx].to(device),
-                "mask": None if mask is None else mask.to(device)}
+                "mask": None if mask is None else mask.to(device), "pure": None if pure is None else pure.to(device)}
 
     log_file = run_dir / "losses.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else []

@@ -213,7 +213,7 @@ def toyworld_video_case(size: str, device: str, model: Optional[str] = None, s: 
     setting = Setting(steps=cfg.steps, guidance=cfg.guidance, frames=cfg.frames, seed=cfg.seed)
     return Case("video-toyworld", ours, None, _meta(
         prior, setting, height, width, frames=cfg.frames, fps=cfg.fps, peer=None,
-        motion=motion or "identity temporal layers (no trained ToyWorld layers ship yet)",
+        motion=motion or "identity temporal layers (the preset names none)",
         includes="generation + mp4/gif export (model loading excluded)", target_s=30.0,
         target="≤ 30 s on 2 CPU cores"))
 

@@ -1,6 +1,7 @@
 """`run.py train temporal` on a tiny prior: ToyWorld clips, a folder of videos, caption-free mode."""
 
 import json
+from types import SimpleNamespace
 
 import torch
 
@@ -90,11 +91,11 @@ def test_noise_start_clips_see_pure_noise_and_target_the_clip(monkeypatch):
     seen = {}
 
     class Recorder(torch.nn.Module):  # a video UNet that predicts a fixed guess and records its input
-        temporal = type("T", (), {"cfg": type("C", (), {"word_states": False})()})()
+        temporal = SimpleNamespace(cfg=SimpleNamespace(word_states=False))
 
         def forward(self, x_t, t, emb, **kwargs):
             seen["x_t"] = x_t
-            return type("Out", (), {"sample": torch.zeros_like(x_t)})()
+            return SimpleNamespace(sample=torch.zeros_like(x_t))
 
     abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
     objective = TemporalObjective(Recorder(), None, abar)

@@ -163,12 +163,9 @@ class TemporalConv(nn.Module):
         padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
         d_x = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
         d_y = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
-        v_x, v_y = rearrange(self.velocity(cond).to(x.dtype), "b (two c) -> two b 1 c 1 1", two=2)
-        tau = rearrange(time.to(x.dtype), "b f -> b f 1 1 1")
-        # content at p - tau v now sits at p: x(p - tau v) - x(p) ~ -tau v . grad x
-        step = -tau * (v_x * rearrange(d_x, "(b f) c h w -> b f c h w", f=frames)
-                       + v_y * rearrange(d_y, "(b f) c h w -> b f c h w", f=frames))
-        return rearrange(step, "b f c h w -> (b f) c h w")
+        v_x, v_y = rearrange(self.velocity(cond).to(x.dtype).repeat_interleave(frames, 0), "n (two c) -> two n c 1 1", two=2)
+        tau = rearrange(time.to(x.dtype), "b f -> (b f) 1 1 1")
+        return -tau * (v_x * d_x + v_y * d_y)  # content at p - tau v now sits at p: x(p - tau v) - x(p) ~ -tau v . grad x
 
 
 class TemporalAttention(nn.Module):

@@ -34,7 +34,8 @@ MAX_FRAMES = 256  # longer than the trained window: temporal attention runs in o
 @dataclass
 class VideoConfig(SamplingOptions):
     frames: int = option(16, f"number of frames (1..{MAX_FRAMES})")
-    fps: float = option(8.0, "frames per second of the clip (also conditions the motion speed)")
+    fps: float = option(8.0, "frames per second of the clip (also conditions the motion speed); with interpolate=k "
+                             "the video is written at k * fps, so it lasts as long and moves more smoothly")
     motion: Optional[str] = option(None, "trained temporal layers, or an AnimateDiff MotionAdapter (default: the preset's `motion:`)")
     interpolate: int = option(1, "frame interpolation factor k: F frames become (F - 1) * k + 1 (needs a masked-frame model)")
     image: Optional[str] = option(None, "animate this image: it becomes the first frame (needs a masked-frame model)")
@@ -53,6 +54,11 @@ class VideoConfig(SamplingOptions):
             raise UserError(f"frames={self.frames} with interpolate={self.interpolate} makes more than {4 * MAX_FRAMES} frames")
         if self.image is not None and not Path(self.image).is_file():
             raise UserError(f"image={self.image} does not exist")
+
+    @property
+    def output_fps(self) -> float:
+        """Frame rate of the written video: interpolate=k puts k - 1 frames between each pair, 1 / (k fps) apart."""
+        return self.fps * self.interpolate
 
 
 def load_motion(prior: Prior, motion: str | None, unet: nn.Module | None = None) -> nn.Module:
@@ -126,7 +132,8 @@ def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Gener
 
     1. the clip: `prior.unet` (a video UNet), or with `first_frame` (1, 3, H, W) the masked-frame model
        with frame 0 known (image-to-video); 2. with interpolate=k, the masked-frame model fills k - 1
-       frames between each pair, the clip's frames known (Make-A-Video's frame interpolation)."""
+       frames between each pair, the clip's frames known, conditioned on k * fps (Make-A-Video's frame
+       interpolation)."""
     timer = timer or Timer()
     height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
     f = prior.vae_scale_factor
@@ -144,24 +151,25 @@ def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Gener
             k = cfg.interpolate
             known = torch.zeros(*shape[:2], (cfg.frames - 1) * k + 1, *shape[3:], device=prior.device)
             known[:, :, ::k] = latents
-            latents = denoise(prior, masked_unet, text, known.shape, cfg, generator, progress, known)
-            latents[:, :, ::k] = known[:, :, ::k]  # the clip's own frames stay exactly as they were
+            latents = denoise(prior, masked_unet, text, known.shape, cfg, generator, progress, known, cfg.output_fps)
     with timer("decode"):  # frames decode `decode_chunk` at a time, so memory does not grow with the length
         return prior.decode_latents(rearrange(latents, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
 
 
 def denoise(prior: Prior, unet: nn.Module, text, shape: tuple, cfg: VideoConfig, generator: torch.Generator,
-            progress: bool, known: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample video latents of `shape` with `unet`; frames where `known` is non-zero are given (mask 1)."""
+            progress: bool, known: torch.Tensor | None = None, fps: float | None = None) -> torch.Tensor:
+    """Sample video latents of `shape` with `unet`; frames where `known` is non-zero are given (mask 1) and
+    come back exactly as given. `fps` conditions the temporal layers (default: the clip's `cfg.fps`)."""
     latents = reschedule_noise(initial_noise(shape, generator, prior.device), temporal_window(unet), generator)
-    kwargs = {"fps": cfg.fps}
+    kwargs = {"fps": fps or cfg.fps}
     if known is not None:
         kwargs.update(known=known, mask=(known.abs().sum(1, keepdim=True) > 0).float())
     spatial, prior.unet = prior.unet, unet
     try:
-        return sample(prior, text, latents, cfg.sampler, cfg.steps, cfg.guidance, generator, progress, **kwargs)
+        latents = sample(prior, text, latents, cfg.sampler, cfg.steps, cfg.guidance, generator, progress, **kwargs)
     finally:
         prior.unet = spatial
+    return latents if known is None else torch.where(kwargs["mask"].bool(), known.to(latents.dtype), latents)
 
 
 def temporal_window(unet) -> int:
@@ -195,17 +203,19 @@ def main(cfg: VideoConfig, prompts: list[str], out: str | Path, progress: bool =
             for i, prompt in enumerate(prompts)]
 
 
-def load_video_prior(cfg: VideoConfig) -> tuple[Prior, str | None, nn.Module | None]:
+def load_video_prior(cfg: VideoConfig, masked: bool | None = None) -> tuple[Prior, str | None, nn.Module | None]:
     """The prior with its UNet inflated by `cfg.motion` (or the preset's), the motion folder used, and the
-    masked-frame model when interpolate= or image= needs one."""
+    masked-frame model when `masked` (default: when interpolate= or image= needs one)."""
     device = pick_device(cfg.device)
     prior = Prior.from_options(cfg, device, speed_up=False)  # the fast path goes on after inflation
     motion = cfg.motion or default_motion(cfg.model)
     spatial = prior.unet
     prior.unet = load_motion(prior, motion)
-    masked = load_masked(spatial, prior, cfg) if cfg.interpolate > 1 or cfg.image else None
+    if masked is None:
+        masked = cfg.interpolate > 1 or cfg.image is not None
+    masked_unet = load_masked(spatial, prior, cfg) if masked else None
     prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile)  # the masked model shares the spatial UNet, fused here
-    return prior, motion, masked
+    return prior, motion, masked_unet
 
 
 def load_masked(spatial: nn.Module, prior: Prior, cfg: VideoConfig) -> nn.Module:
@@ -252,14 +262,14 @@ def run(prior: Prior, prompt: str, cfg: VideoConfig, seed: int, out: str | Path,
     timer.stages.update(setup_s)
     frames = generate(prior, prompt, cfg, torch.Generator("cpu").manual_seed(seed), timer, progress, masked, first_frame)
     with timer("save"):
-        outputs = [write_mp4(run_dir / "video.mp4", frames, cfg.fps).name,
-                   write_gif(run_dir / "preview.gif", frames, cfg.fps).name]
+        outputs = [write_mp4(run_dir / "video.mp4", frames, cfg.output_fps).name,
+                   write_gif(run_dir / "preview.gif", frames, cfg.output_fps).name]
         if cfg.save_frames:
             outputs += [f"frames/{p.name}" for p in write_frames(run_dir / "frames", frames)]
     write_json(run_dir / "metadata.json", {
         "job": "video", "prompt": prompt, "negative": cfg.negative, "seed": seed, "model": prior.model_id,
         "model_hash": model_hash, "motion": motion, "device": str(prior.device),
-        "dtype": str(prior.dtype).removeprefix("torch."), "frames": len(frames), "fps": cfg.fps,
+        "dtype": str(prior.dtype).removeprefix("torch."), "frames": len(frames), "fps": cfg.output_fps,
         "interpolate": cfg.interpolate, "image": cfg.image, "masked_motion": cfg.masked_motion,
         "height": frames.shape[-2], "width": frames.shape[-1], "outputs": outputs, "timings_s": timer.stages,
         "versions": versions(), "command": command_line(),

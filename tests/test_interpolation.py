@@ -36,15 +36,29 @@ def test_interpolate_makes_fk_frames_and_keeps_the_clip(tiny_sd, masked_model, t
     assert run.main(["video", "a red ball moving right", f"model={tiny_sd}", f"masked_motion={masked_model}",
                      "frames=4", "interpolate=3", "steps=1", "save_frames=true", "--out", str(tmp_path), "--quiet"]) == 0
     [d] = list((tmp_path / "video").iterdir())
-    assert probe(d / "video.mp4")["frames"] == (4 - 1) * 3 + 1
+    video = probe(d / "video.mp4")
+    assert video["frames"] == (4 - 1) * 3 + 1 and video["fps"] == pytest.approx(8 * 3)  # as long, 3x smoother
     assert json.loads((d / "metadata.json").read_text())["frames"] == 10
 
 
 def test_image_to_video(tiny_sd, masked_model, tmp_path, caplog):
+    """The image, resized with a note, is the clip's first frame: exactly its VAE round trip."""
+    import numpy as np
+
+    from pipelines.prior import Prior
+    from video.pipeline import load_image
+
     Image.new("RGB", (40, 20), (200, 30, 30)).save(tmp_path / "first.png")
     assert run.main(["video", "a red cube", f"model={tiny_sd}", f"masked_motion={masked_model}", "frames=3",
-                     f"image={tmp_path / 'first.png'}", "steps=1", "--out", str(tmp_path / "o"), "--quiet"]) == 0
+                     f"image={tmp_path / 'first.png'}", "steps=1", "save_frames=true", "--out", str(tmp_path / "o"),
+                     "--quiet"]) == 0
     assert "resized" in caplog.text
+    [d] = list((tmp_path / "o" / "video").iterdir())
+    prior = Prior.from_pretrained(str(tiny_sd))
+    image = load_image(str(tmp_path / "first.png"), prior.default_size, prior.default_size)
+    expected = prior.decode_latents(prior.encode_images(image, sample=False))[0].permute(1, 2, 0).numpy() * 255
+    frame0 = np.asarray(Image.open(d / "frames" / "frame_0000.png"), dtype=np.float32)
+    assert np.abs(frame0 - expected).max() <= 1.0  # uint8 rounding only
 
 
 @pytest.mark.parametrize("args, message", [
@@ -61,3 +75,38 @@ def test_masked_bad_input(tiny_sd, masked_model, tmp_path, capsys, args, message
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
     assert not (tmp_path / "o" / "video").exists() or not list((tmp_path / "o" / "video").iterdir())
+
+
+def test_in_between_frames_are_conditioned_at_k_times_fps(tiny_sd, masked_model, tmp_path, monkeypatch):
+    """The clip samples at fps; the frames filled in between sit 1 / (k fps) apart, and are sampled so."""
+    import video.pipeline as vp
+
+    seen, original = [], vp.sample
+    monkeypatch.setattr(vp, "sample", lambda *a, **kw: seen.append((a[2].shape[2], kw["fps"])) or original(*a, **kw))
+    assert run.main(["video", "a red ball moving right", f"model={tiny_sd}", f"masked_motion={masked_model}",
+                     "frames=3", "fps=6", "interpolate=4", "steps=1", "--out", str(tmp_path), "--quiet"]) == 0
+    assert seen == [(3, 6.0), (9, 24.0)]
+
+
+def test_cross_fade_blends_the_given_frames():
+    from toyworld.evaluate_masked import cross_fade
+
+    ramp = torch.linspace(0, 1, 9)[None, :, None, None, None].expand(2, 9, 3, 4, 4)
+    assert torch.allclose(cross_fade(ramp, 4), ramp)  # a linear ramp is its own cross-fade
+    step = torch.zeros(1, 5, 3, 2, 2)
+    step[:, 4:] = 1
+    assert cross_fade(step, 4)[0, :, 0, 0, 0].tolist() == [0, 0.25, 0.5, 0.75, 1]
+
+
+def test_eval_video_scores_the_masked_model(tiny_sd, masked_model, tmp_path):
+    assert run.main(["eval", "video", f"model={tiny_sd}", f"masked_motion={masked_model}", "steps=1", "frames=3",
+                     "samples_per_prompt=1", "colors=[red]", "shapes=[cube]", "motions=[moving left]", "seam_frames=0",
+                     "masked_clips=2", "interpolate=2", "--out", str(tmp_path), "--quiet"]) == 0
+    [d] = list((tmp_path / "eval").iterdir())
+    masked = json.loads((d / "report.json").read_text())["masked"]
+    it, iv = masked["interpolation"], masked["image_to_video"]
+    assert it["k"] == 2 and it["frames"] == (5 - 1) * 2 + 1 and it["fps"] == 16 and iv["frames"] == 3
+    for key in ("pixel_error", "pixel_error_cross_fade", "pixel_error_vae_round_trip"):
+        assert 0 < it[key] < 1
+    assert 0 <= iv["identity_stability"] <= 1 and iv["first_step_jump"] > 0
+    assert "Masked-frame model" in (d / "report.md").read_text()

@@ -30,7 +30,7 @@ from pipelines.prior import Prior
 from pipelines.runtime import (Timer, command_line, make_run_dir, save_image, versions,
                                write_json, write_text, write_yaml)
 
-from video.pipeline import MAX_FRAMES, VideoConfig, denoise, load_video_prior, temporal_window
+from video.pipeline import MAX_FRAMES, VideoConfig, default_motion, denoise, load_video_prior, temporal_window
 from video.temporal import window_starts
 
 from .judge import DEFAULT_PATH, load_judge
@@ -50,6 +50,9 @@ class EvalVideoConfig(VideoConfig):
     motions: tuple[str, ...] = option((), "motions of the prompt grid, e.g. ['moving left']; [] for all")
     judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
     seam_frames: int = option(32, "length of the long clips for the window-seam measurement (0 skips it)")
+    masked_clips: int = option(16, "ground-truth clips for each of the masked-frame model's scores, interpolation "
+                                   "(x interpolate, 4 if 1) and image-to-video (0 skips; needs masked_motion= or "
+                                   "the preset's interpolation:)")
 
     def validate(self) -> None:
         super().validate()
@@ -57,6 +60,8 @@ class EvalVideoConfig(VideoConfig):
             raise UserError(f"samples_per_prompt must be at least 1, got {self.samples_per_prompt}")
         if self.seam_frames < 0 or self.seam_frames > MAX_FRAMES:
             raise UserError(f"seam_frames must be between 0 and {MAX_FRAMES}, got {self.seam_frames}")
+        if self.masked_clips < 0:
+            raise UserError(f"masked_clips must be 0 or more, got {self.masked_clips}")
         if self.frames < 3:
             raise UserError(f"eval video needs at least 3 frames to judge motion, got {self.frames}")
         for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS)):
@@ -221,6 +226,10 @@ def markdown(r: dict) -> str:
         lines += ["", f"window seams ({se['prompt']}, {se['frames']} frames, attention window {se['window']}): "
                   f"frame-to-frame change {se['change_at_edges']:.4f} across window edges, {se['change_inside']:.4f} "
                   f"inside windows (ratio {se['ratio']:.2f}; 1.0 = no seam)."]
+    if r.get("masked"):
+        from .evaluate_masked import markdown as masked_markdown
+
+        lines += masked_markdown(r["masked"])
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +244,8 @@ def strip(clips: torch.Tensor, rows: int = 12) -> Image.Image:
 def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
     timer = Timer()
     with timer("load"):
-        prior, cfg.motion, _ = load_video_prior(cfg)
+        wants_masked = cfg.masked_clips > 0 and bool(cfg.masked_motion or default_motion(cfg.model, "interpolation"))
+        prior, cfg.motion, masked = load_video_prior(cfg, masked=wants_masked)
         judge = load_judge(cfg.judge, prior.device)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)
     run_dir = make_run_dir(out, "eval", "video")
@@ -259,6 +269,19 @@ def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = Tru
     with timer("judge"):
         report = build_report(cfg, grid, clips, judge_frames(judge, clips), ground_truth(cfg, prior.default_size),
                               fps_effect, seams)
+    report["masked"] = None
+    if masked is not None:
+        from .evaluate_masked import image_to_video_report, interpolation_report
+
+        with timer("masked"):
+            k = cfg.interpolate if cfg.interpolate > 1 else 4
+            report["masked"] = {
+                "masked_motion": cfg.masked_motion or default_motion(cfg.model, "interpolation"),
+                "interpolation": interpolation_report(prior, masked, judge, cfg, cfg.masked_clips, k, cfg.seed, progress),
+                "image_to_video": image_to_video_report(prior, masked, judge, cfg, cfg.masked_clips, cfg.seed, progress)}
+    elif cfg.masked_clips > 0:
+        logger.info("no masked-frame model (masked_motion= or the preset's interpolation:): interpolation and "
+                    "image-to-video are not scored")
     write_json(run_dir / "report.json", report)
     write_text(run_dir / "report.md", markdown(report))
     save_image(run_dir / "strip.png", strip(clips))

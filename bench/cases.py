@@ -42,6 +42,7 @@ class Setting:
     seed: int = 0
     resolution: Optional[int] = None  # pixels; None: the model's native size
     compile: bool = False  # ours with torch.compile too (its compile time shows in the warm-up)
+    cuda_graphs: bool = False  # with compile on CUDA: reduce-overhead mode (CUDA graphs)
 
 
 SETTINGS = {"small": Setting(), "full": Setting(resolution=512)}
@@ -101,7 +102,8 @@ def sd15_random_components(device: str) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def fast_path(prior: Prior, modules: tuple[str, ...] = ("unet", "vae"), compile: bool = False) -> Prior:
+def fast_path(prior: Prior, modules: tuple[str, ...] = ("unet", "vae"), compile: bool = False,
+              cuda_graphs: bool = False) -> Prior:
     """A view of `prior` whose `modules` are copies with the jobs' fast path on (the defaults of
     PriorOptions: fused q/k/v, channels_last on CUDA; `compile=true` if asked), so a peer sharing
     `prior`'s modules stays plain."""
@@ -109,13 +111,13 @@ def fast_path(prior: Prior, modules: tuple[str, ...] = ("unet", "vae"), compile:
     for name in modules:
         setattr(fast, name, copy.deepcopy(getattr(prior, name)))
     defaults = PriorOptions()
-    return fast.speed_up(defaults.fuse_qkv, defaults.channels_last, compile)
+    return fast.speed_up(defaults.fuse_qkv, defaults.channels_last, compile, cuda_graphs)
 
 
 def _meta(prior: Prior, s: Setting, height: int, width: int, **extra) -> dict:
     return {"model": prior.model_id, "dtype": str(prior.dtype).removeprefix("torch."), "height": height,
             "width": width, "steps": s.steps, "sampler": "ddim", "guidance": s.guidance, "seed": s.seed,
-            "compile": s.compile, **extra}
+            "compile": s.compile, "cuda_graphs": s.cuda_graphs, **extra}
 
 
 # --------------------------------------------------------------------------------------------- image
@@ -132,7 +134,7 @@ def image_case(size: str, device: str, model: Optional[str] = None, s: Optional[
                                    unet=prior.unet, scheduler=DDIMScheduler.from_config(prior.noise_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    fast = fast_path(prior, compile=s.compile)
+    fast = fast_path(prior, compile=s.compile, cuda_graphs=s.cuda_graphs)
 
     def ours():
         return generate_image(fast, IMAGE_PROMPT, cfg, generator(s.seed), progress=False)  # (1, 3, H, W)
@@ -179,7 +181,7 @@ def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[
         del adapter
         video_prior = copy.copy(prior)  # shares the text encoder; its own UNetMotionModel, and a VAE copy
         video_prior.unet = load_motion(prior, folder)
-        video_prior = fast_path(video_prior, ("vae",), s.compile)
+        video_prior = fast_path(video_prior, ("vae",), s.compile, s.cuda_graphs)
         pipe = AnimateDiffPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
                                    unet=prior.unet, motion_adapter=MotionAdapter.from_pretrained(folder),
                                    scheduler=DDIMScheduler.from_config(prior.noise_config))
@@ -241,7 +243,7 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
     asset = Asset(cfg).to(device)
     renderer = make_renderer(torch.device(device), cfg, cfg.bound)
     prompts = ViewPrompts(prior, IMAGE_PROMPT, "", cfg)
-    objective = SDSObjective(asset, renderer, SDS(fast_path(prior, compile=s.compile), cfg), prompts, cfg)
+    objective = SDSObjective(asset, renderer, SDS(fast_path(prior, compile=s.compile, cuda_graphs=s.cuda_graphs), cfg), prompts, cfg)
     step = cfg.ambient_only_steps + 1  # past the warm-up: shaded renders, normals
 
     def ours():
@@ -268,7 +270,7 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
         w = (1 - prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
         (latents.float() * (w * (u + cfg.guidance * (c - u) - noise.float())).detach()).sum().backward()
 
-    setting = Setting(steps=1, guidance=cfg.guidance, seed=0, compile=s.compile)
+    setting = Setting(steps=1, guidance=cfg.guidance, seed=0, compile=s.compile, cuda_graphs=s.cuda_graphs)
     return Case("sds", ours, peer, _meta(
         prior, setting, cfg.resolution, cfg.resolution, sampler="sds", batch=cfg.batch_size,
         encode_size=cfg.encode_size or prior.default_size,

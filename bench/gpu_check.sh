@@ -21,3 +21,8 @@ if [ -n "${COMPILE:-}" ]; then
   python3 -m bench --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --cases "${COMPILE_CASES:-video,sds}" --repeats 3 \
     --compile --out "$OUT/bench" 2>&1 | tee "$OUT/bench_compiled.log" | tail -20
 fi
+# the SDS step compiled and replayed as CUDA graphs (cuda_graphs=true), its own table (-compiled-graphs): GRAPHS=1
+if [ -n "${GRAPHS:-}" ]; then
+  python3 -m bench --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --cases "${GRAPHS_CASES:-sds}" --repeats 3 \
+    --compile --cuda-graphs --out "$OUT/bench" 2>&1 | tee "$OUT/bench_graphs.log" | tail -20
+fi

@@ -158,7 +158,8 @@ def markdown(report: dict) -> str:
         f"# Benchmark: size {report['size']} on {report['device_name']} ({report['date']})", "",
         f"{report['threads']} torch CPU thread(s); median of {report['repeats']} run(s) per side after one warm-up "
         f"run each (reported apart), ours and peer interleaved. Peak memory: {report['memory']}."
-        + (" Ours with torch.compile: its warm-up includes the compile." if report.get("compile") else ""), "",
+        + (" Ours with torch.compile: its warm-up includes the compile." if report.get("compile") else "")
+        + (" Compiled in reduce-overhead mode (CUDA graphs)." if report.get("cuda_graphs") else ""), "",
         "| case | ours (s) | peer (s) | ours/peer | warm-up ours / peer (s) | peak memory ours / peer "
         "| max abs diff | torch | diffusers | shapes, steps |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -208,12 +209,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default=str(RESULTS), help="folder for <date>-<device>.json and .md")
     p.add_argument("--compile", action="store_true",
                    help="ours also with torch.compile (compile=true); the compile time shows in the warm-up column")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile on CUDA: reduce-overhead mode, the UNet replayed as CUDA graphs (cuda_graphs=true)")
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # small cases' model (tests: tiny weights)
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown or not args.cases:
         p.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(CASES)}")
+    if args.cuda_graphs and not args.compile:
+        p.error("--cuda-graphs replays the compiled UNet: add --compile")
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -239,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             case = CASES[name](args.size, args.device, args.model,
-                               dataclasses.replace(SETTINGS[args.size], compile=args.compile))
+                               dataclasses.replace(SETTINGS[args.size], compile=args.compile,
+                                                   cuda_graphs=args.cuda_graphs))
             setup_s = time.perf_counter() - start
             row = run_case(case, args.repeats, args.device)
             row["setup_s"] = setup_s
@@ -254,13 +260,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
     report = {
         "date": datetime.date.today().isoformat(), "device": args.device, "device_name": device_name(args.device),
-        "size": args.size, "compile": args.compile, "repeats": args.repeats, "threads": torch.get_num_threads(), "versions": versions(),
+        "size": args.size, "compile": args.compile, "cuda_graphs": args.cuda_graphs, "repeats": args.repeats, "threads": torch.get_num_threads(), "versions": versions(),
         "memory": "torch.cuda.max_memory_allocated (weights included)" if args.device == "cuda"
                   else "rise of process RSS during a run (weights excluded)",
         "cases": rows,
     }
     stem = (f"{report['date']}-{args.device}" + ("" if args.size == "small" else f"-{args.size}")
-            + ("-compiled" if args.compile else ""))
+            + ("-compiled" if args.compile else "") + ("-graphs" if args.cuda_graphs else ""))
     out = Path(args.out)
     write_json(out / f"{stem}.json", report)
     table = markdown(report)

@@ -45,7 +45,7 @@ STAGE = "3d"
 WEIGHTS_NAME = "asset.safetensors"
 # Options that may differ when resuming: they change what is written, not the optimisation.
 RESUME_FREE = {f for f in ExportOptions.__dataclass_fields__} | {
-    "val_every", "checkpoint_every", "max_minutes", "chunk", "resume", "device", "fuse_qkv", "channels_last", "compile"}
+    "val_every", "checkpoint_every", "max_minutes", "chunk", "resume", "device", "fuse_qkv", "channels_last", "compile", "cuda_graphs"}
 
 
 class Asset(nn.Module):

@@ -25,6 +25,8 @@ class PriorOptions:
     channels_last: Optional[bool] = option(None, "UNet and VAE in channels_last memory format (fast path; default: on CUDA)")
     compile: bool = option(False, "torch.compile the UNet for static shapes (fast path on GPU; the first run compiles, "
                                   "later ones reuse ~/.cache/text2world/inductor)")
+    cuda_graphs: bool = option(False, "with compile=true on CUDA, replay the compiled UNet as CUDA graphs (torch.compile's "
+                                      "reduce-overhead mode: less launch overhead at fixed shapes, more memory held)")
 
     def validate(self) -> None:
         if not self.model.strip():

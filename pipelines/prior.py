@@ -113,15 +113,17 @@ class Prior:
         device = pick_device(cfg.device) if device is None else device
         prior = cls.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
                                     cfg.beta_schedule, cfg.revision)
-        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile) if speed_up else prior
+        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile, cfg.cuda_graphs) if speed_up else prior
 
-    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None, compile: bool = False) -> "Prior":
+    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None, compile: bool = False,
+                 cuda_graphs: bool = False) -> "Prior":
         """The fast path, the same maths, on whatever the UNet now is (an AnimateDiff UNet's motion modules
         included; our temporal attention is torch's MultiheadAttention, one q/k/v matmul already): one q/k/v
         matmul per diffusers attention (its fused projections and processor), on CUDA by default
         channels_last convolutions, and with `compile` the UNet compiled in place by torch.compile for
         static shapes, its kernels kept in a cache on disk (`compile_cache_dir`) so a second run skips
-        the code generation."""
+        the code generation; with `cuda_graphs` on CUDA, in torch.compile's reduce-overhead mode, which
+        records each shape's kernels once as a CUDA graph and replays it (the SDS step's shapes never change)."""
         from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
 
         for module in (self.unet, self.vae):
@@ -135,7 +137,8 @@ class Prior:
         if compile:
             if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_cache_dir()):  # unset, or torch's own /tmp one
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-            self.unet.compile(dynamic=False)
+            mode = "reduce-overhead" if cuda_graphs and self.device.type == "cuda" else None
+            self.unet.compile(dynamic=False, mode=mode)
         return self
 
     def content_hash(self) -> str:

@@ -41,6 +41,8 @@ def test_bench_writes_results(tiny_sd, tmp_path, one_thread):
 def test_script_entry_point_and_bad_case():
     proc = subprocess.run([sys.executable, "bench/run.py", "--cases", "nope"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown case(s) nope" in proc.stderr
+    proc = subprocess.run([sys.executable, "bench/run.py", "--cuda-graphs"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "add --compile" in proc.stderr
 
 
 def test_bench_sds_case_runs_both_sides(tiny_sd, tmp_path, one_thread):

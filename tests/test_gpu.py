@@ -68,3 +68,22 @@ def test_compiled_unet_on_cuda_matches_it_off(tiny_sd):
     (eps, _), (eps_compiled, _) = (_fast_path_outputs(tiny_sd, "cuda", torch.bfloat16, True, compile=c) for c in (False, True))
     torch.testing.assert_close(eps_compiled, eps, atol=3e-2, rtol=3e-2)
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_graphs_match_the_compiled_unet(tiny_sd):
+    """cuda_graphs=true (torch.compile's reduce-overhead mode) replays the same kernels: same outputs."""
+    from pipelines.prior import Prior
+
+    outputs = []
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        prior = Prior.from_pretrained(str(tiny_sd), "cuda", torch.bfloat16).speed_up(compile=True, cuda_graphs=graphs)
+        x = torch.randn(2, prior.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0)).cuda()
+        text = prior.encode_prompt(["a red cube", "a blue ball"])
+        with torch.no_grad():
+            outputs.append([prior.predict_noise(x, t, text, guidance=7.5).clone() for t in (500, 500, 200)])
+    torch._dynamo.reset()
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(b, a, atol=3e-2, rtol=3e-2)

@@ -214,7 +214,7 @@ def load_video_prior(cfg: VideoConfig, masked: bool | None = None) -> tuple[Prio
     if masked is None:
         masked = cfg.interpolate > 1 or cfg.image is not None
     masked_unet = load_masked(spatial, prior, cfg) if masked else None
-    prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile)  # the masked model shares the spatial UNet, fused here
+    prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile, cfg.cuda_graphs)  # the masked model shares the spatial UNet, fused here
     return prior, motion, masked_unet
 
 

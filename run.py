@@ -112,6 +112,9 @@ def build_parser() -> Parser:
         else:
             p.add_argument("what", metavar="WHAT", help=" | ".join(variants))
             p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
+            if any("resume" in {f.name for f in dataclasses.fields(v.cls)} for v in variants.values()):
+                p.add_argument("--resume", metavar="RUN_DIR", help="continue this run where it stopped (same config; "
+                                                                  "the same as resume=RUN_DIR)")
         p.add_argument("--config", metavar="FILE", help="YAML file of options, applied before key=value overrides")
         p.add_argument("--out", metavar="DIR", default="outputs", help="root of the run directories (default: outputs)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
@@ -173,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         job = variants[what]
         resume = getattr(args, "resume", None)
         if resume:
+            if "resume" not in {f.name for f in dataclasses.fields(job.cls)}:
+                raise UserError(f"{args.job} {what} cannot be resumed: start it again")
             overrides = overrides + [f"resume={resume}"]
         cfg = config.load(job.cls, job.preset, overrides, args.config)
         runner = importlib.import_module(job.module).main

@@ -157,16 +157,23 @@ def resolve_run(cfg: ThreeDConfig, prompt: str | None) -> tuple[Path | None, Thr
     saved_prompt, _ = saved.pop("prompt", None), saved.pop("command", None)
     if prompt is not None and prompt != saved_prompt:
         raise UserError(f"--resume {run_dir}: the run's prompt is \"{saved_prompt}\", not \"{prompt}\"")
-    defaults = to_dict(build(ThreeDConfig, preset(STAGE)))
+    return run_dir, resumed_config(cfg, saved, run_dir), saved_prompt
+
+
+def resumed_config(cfg, saved: dict, run_dir: Path, job: str = STAGE):
+    """The config to continue a run saved with `saved` (its config.yaml): the saved options, plus those
+    given now that may change on resume (RESUME_FREE); any other given option that differs is an error."""
+    cls = type(cfg)
+    defaults = to_dict(build(cls, preset(job)))
     given = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k)}
     conflicts = [k for k, v in given.items() if k not in RESUME_FREE and v != saved.get(k)]
     if conflicts:
         k = conflicts[0]
         raise UserError(f"--resume {run_dir}: the run was made with {k}={saved.get(k)}, not {k}={given[k]}; "
                         f"drop the override or start a new run")
-    resumed = build(ThreeDConfig, {**saved, **{k: v for k, v in given.items() if k in RESUME_FREE}})
+    resumed = build(cls, {**saved, **{k: v for k, v in given.items() if k in RESUME_FREE}})
     resumed.validate()
-    return run_dir, resumed, saved_prompt
+    return resumed
 
 
 def main(cfg: ThreeDConfig, prompts: list[str] | None, out: str | Path = "outputs", progress: bool = True) -> list[Path]:

@@ -203,3 +203,9 @@ def test_accelerate_launch_splits_prompts_across_processes(tiny_sd, tmp_path):
     metas = [json.loads((d / "metadata.json").read_text()) for d in run_dirs(tmp_path / "o")]
     assert sorted((m["prompt"], m["seed"]) for m in metas) == [("a blue ball", 1), ("a green cone", 2), ("a red cube", 0)]
     assert {m["process"] for m in metas} == {0, 1}
+
+
+def test_resume_on_a_job_that_cannot_resume(tmp_path, capsys):
+    assert run_cli("eval", "video", "--resume", tmp_path, "--out", tmp_path / "out", "--quiet") == 2
+    assert capsys.readouterr().err.strip() == "error: eval video cannot be resumed: start it again"
+    assert not (tmp_path / "out").exists()

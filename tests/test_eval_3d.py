@@ -55,6 +55,32 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     assert [p.name for p in (d / "3d").iterdir()]  # the fitted run is kept next to the report
 
 
+def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tmp_path, capsys):
+    tiny = [f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=2", "steps=2", "checkpoint_every=1",
+            "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
+            "turntable_size=16", "encode_size=16", "val_every=0", "views=2", "iou_resolution=16", "rotations=2"]
+    assert run.main(["eval", "3d", *tiny, "--out", str(tmp_path), "--quiet"]) == 0
+    [d] = list((tmp_path / "eval").iterdir())
+    first = json.loads((d / "report.json").read_text())["assets"]
+    runs = {json.loads((r / "metadata.json").read_text())["command"] and r for r in (d / "3d").iterdir()}
+    done, cut = sorted(runs, key=lambda r: r.name)
+    (cut / "metadata.json").unlink()  # as if stopped after its last checkpoint, before the export
+    (cut / "mesh.glb").unlink()
+    (d / "report.json").unlink()
+    stamp = (done / "mesh.glb").stat().st_mtime_ns
+
+    assert run.main(["eval", "3d", "--resume", str(d), "--quiet"]) == 0
+    report = json.loads((d / "report.json").read_text())
+    assert sorted(p.name for p in (d / "3d").iterdir()) == sorted(r.name for r in runs)  # no asset fitted anew
+    assert (done / "mesh.glb").stat().st_mtime_ns == stamp and (cut / "mesh.glb").is_file()
+    assert [a["iou"] for a in report["assets"]] == [a["iou"] for a in first]
+
+    assert run.main(["eval", "3d", "--resume", str(d), "seeds=3", "--quiet"]) == 2
+    assert "made with seeds=2, not seeds=3" in capsys.readouterr().err
+    assert run.main(["eval", "3d", "--resume", str(done), "--quiet"]) == 2
+    assert "not an eval 3d directory" in capsys.readouterr().err
+
+
 def test_the_judge_reads_the_ground_truth_renders_it_is_compared_with():
     """The reference column: ToyWorld's own render from the eval's cameras, as the judge was trained on
     (the colour and shape right in every view; the front view, where the marker shows, right)."""

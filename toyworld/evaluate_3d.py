@@ -31,12 +31,13 @@ from einops import rearrange
 from dreamfusion.cameras import view_names
 from dreamfusion.config import ThreeDConfig
 from dreamfusion.export import render_mesh
-from dreamfusion.fit import fit, load_asset, render_views, turntable_cameras
+from dreamfusion.fit import STAGE, fit, load_asset, render_views, resumed_config, turntable_cameras
 from dreamfusion.renderer import make_renderer
-from pipelines.config import option, to_dict
+from pipelines.config import load_yaml, option, to_dict
 from pipelines.errors import UserError
 from pipelines.image import to_pil
 from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, save_image, versions, write_json, write_text, write_yaml
+from pipelines.training import checkpoint_step
 
 from .judge import DEFAULT_PATH, load_judge
 from .render import SDFS, render
@@ -178,19 +179,57 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def resolve_eval(cfg: Eval3DConfig) -> tuple[Path | None, Eval3DConfig]:
+    """`--resume EVAL_DIR`: that eval's folder and saved config (overrides must not conflict with it)."""
+    if cfg.resume is None:
+        return None, cfg
+    eval_dir = Path(cfg.resume)
+    saved = load_yaml(eval_dir / "config.yaml") if (eval_dir / "config.yaml").is_file() else {}
+    if "iou_resolution" not in saved:
+        raise UserError(f"--resume {eval_dir}: not an eval 3d directory (no eval 3d config.yaml)")
+    saved.pop("command", None)
+    return eval_dir, resumed_config(cfg, saved, eval_dir)
+
+
+def earlier_runs(eval_dir: Path) -> dict[tuple[str, int], Path]:
+    """The asset runs already in an eval's folder, by (prompt, seed): a finished one (metadata.json),
+    else the one furthest along (its last checkpoint); runs with neither are left alone."""
+    found: dict[tuple[str, int], tuple[tuple[bool, int], Path]] = {}
+    for run_dir in sorted((eval_dir / "3d").glob("*")) if (eval_dir / "3d").is_dir() else []:
+        if not (run_dir / "config.yaml").is_file():
+            continue
+        saved = load_yaml(run_dir / "config.yaml")
+        rank = ((run_dir / "metadata.json").is_file(), checkpoint_step(run_dir, STAGE))
+        key = (saved.get("prompt"), saved.get("seed"))
+        if rank > (False, 0) and (key not in found or rank > found[key][0]):
+            found[key] = (rank, run_dir)
+    return {key: run_dir for key, (_, run_dir) in found.items()}
+
+
 def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
+    eval_dir, cfg = resolve_eval(cfg)
     device = pick_device(cfg.device)
     judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
     timer = Timer()
-    eval_dir = make_run_dir(out, "eval", "3d")
-    write_yaml(eval_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    earlier = {}
+    if eval_dir is None:
+        eval_dir = make_run_dir(out, "eval", "3d")
+        write_yaml(eval_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    else:
+        earlier = earlier_runs(eval_dir)
+        logger.info("resuming %s: %d of %d assets already started or done", eval_dir, len(earlier),
+                    len(cfg.grid()) * cfg.seeds)
     rows, strips = [], []
     fit_cfg = ThreeDConfig(**{k: v for k, v in to_dict(cfg).items() if k in ThreeDConfig.__dataclass_fields__})
+    fit_cfg = replace(fit_cfg, resume=None)
     for c, s in cfg.grid():
         prompt = f"a {COLOR_NAMES[c]} {SHAPES[s]}"
         for k in range(cfg.seeds):
-            with timer("fit"):
-                run_dir = fit(replace(fit_cfg, seed=cfg.seed + k), prompt, eval_dir, progress)
+            run_dir = earlier.get((prompt, cfg.seed + k))
+            if run_dir is None or not (run_dir / "metadata.json").is_file():  # fit it, or finish fitting it
+                resume = None if run_dir is None else str(run_dir)
+                with timer("fit"):
+                    run_dir = fit(replace(fit_cfg, seed=cfg.seed + k, resume=resume), prompt, eval_dir, progress)
             with timer("score"):
                 scored = score_asset(run_dir, c, s, cfg, judge, device)
             strips.append(torch.cat([scored.pop("nerf_views"), scored.pop("mesh_views")], -2))  # NeRF above mesh

@@ -63,6 +63,7 @@ def test_image_to_video(tiny_sd, masked_model, tmp_path, caplog):
 
 @pytest.mark.parametrize("args, message", [
     (["interpolate=0"], "interpolate must be at least 1"),
+    (["interpolate_strength=0"], "interpolate_strength must be in (0, 1]"),
     (["interpolate=2"], "need a masked-frame model"),
     (["image=/no/such.png"], "does not exist"),
     (["image=NOTANIMAGE", "masked_motion=MASKED"], "cannot be read as an image"),
@@ -82,10 +83,19 @@ def test_in_between_frames_are_conditioned_at_k_times_fps(tiny_sd, masked_model,
     import video.pipeline as vp
 
     seen, original = [], vp.sample
-    monkeypatch.setattr(vp, "sample", lambda *a, **kw: seen.append((a[2].shape[2], kw["fps"])) or original(*a, **kw))
+    monkeypatch.setattr(vp, "sample", lambda *a, **kw: seen.append((a[2].shape[2], kw["fps"], kw["strength"])) or original(*a, **kw))
     assert run.main(["video", "a red ball moving right", f"model={tiny_sd}", f"masked_motion={masked_model}",
-                     "frames=3", "fps=6", "interpolate=4", "steps=1", "--out", str(tmp_path), "--quiet"]) == 0
-    assert seen == [(3, 6.0), (9, 24.0)]
+                     "frames=3", "fps=6", "interpolate=4", "interpolate_strength=0.5", "steps=2", "--out", str(tmp_path),
+                     "--quiet"]) == 0
+    assert seen == [(3, 6.0, 1.0), (9, 24.0, 0.5)]
+
+
+def test_blend_known_starts_the_in_between_frames_from_their_neighbours():
+    from video.pipeline import blend_known
+
+    known = torch.zeros(1, 4, 9, 2, 2)
+    known[:, :, 0], known[:, :, 4], known[:, :, 8] = 1.0, 3.0, -1.0
+    assert blend_known(known, 4)[0, 0, :, 0, 0].tolist() == [1, 1.5, 2, 2.5, 3, 2, 1, 0, -1]
 
 
 def test_cross_fade_blends_the_given_frames():

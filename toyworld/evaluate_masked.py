@@ -19,7 +19,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from pipelines.prior import Prior
-from video.pipeline import VideoConfig, denoise
+from video.pipeline import VideoConfig, blend_known, denoise
 
 from .world import MOTIONS
 
@@ -40,25 +40,22 @@ def _encode(prior: Prior, clips: torch.Tensor) -> torch.Tensor:
 
 
 def _fill(prior: Prior, masked, captions: list[str], known: torch.Tensor, cfg: VideoConfig, fps: float,
-          g: torch.Generator, desc: str, progress: bool) -> torch.Tensor:
-    """Denoise with the known frames given (non-zero latents), CHUNK clips at a time; -> decoded frames."""
+          g: torch.Generator, desc: str, progress: bool, k: int | None = None) -> torch.Tensor:
+    """Denoise with the known frames given (non-zero latents), CHUNK clips at a time, as the video job does
+    (with `k`, an interpolation: from the given frames' blend at `interpolate_strength`); -> decoded frames."""
     out = []
     for i in tqdm(range(0, len(known), CHUNK), desc=desc, disable=not progress):
         text = prior.encode_prompt(captions[i:i + CHUNK], cfg.negative, words=True)
         part = known[i:i + CHUNK].to(prior.device)
-        z = denoise(prior, masked, text, part.shape, cfg, g, False, part, fps)
+        init = None if k is None else blend_known(part, k)
+        z = denoise(prior, masked, text, part.shape, cfg, g, False, part, fps, init, cfg.interpolate_strength)
         out.append(_decode(prior, z, cfg.decode_chunk))
     return torch.cat(out)
 
 
 def cross_fade(clips: torch.Tensor, k: int) -> torch.Tensor:
-    """Every frame between two given ones (every k-th) as their linear blend."""
-    out = clips.clone()
-    for j in range(clips.shape[1]):
-        a, w = (j // k) * k, (j % k) / k
-        if w:
-            out[:, j] = (1 - w) * clips[:, a] + w * clips[:, a + k]
-    return out
+    """(n, F, 3, H, W) clips: every frame between two given ones (every k-th) as their linear blend."""
+    return blend_known(clips.transpose(1, 2), k).transpose(1, 2)
 
 
 def _centroid_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -82,7 +79,7 @@ def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, 
     known = torch.zeros_like(z_true)
     known[:, :, ::k] = z_true[:, :, ::k]
     made = _fill(prior, masked, captions, known, cfg, fps, torch.Generator("cpu").manual_seed(seed),
-                 f"interpolating {n} clips (x{k})", progress)
+                 f"interpolating {n} clips (x{k})", progress, k)
     round_trip = _decode(prior, z_true, cfg.decode_chunk)
     between = torch.arange(frames) % k != 0
     err = lambda x: float((x[:, between] - truth[:, between]).abs().mean())  # noqa: E731
@@ -90,6 +87,7 @@ def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, 
     fade = cross_fade(made, k)  # the given frames, as the model returns them, blended
     judged = judge_frames(judge, made[:, between])
     return {"clips": n, "k": k, "given_frames": KNOWN, "frames": frames, "fps": fps,
+            "interpolate_strength": cfg.interpolate_strength, "replace_known": cfg.replace_known,
             "pixel_error": round(err(made), 4), "pixel_error_cross_fade": round(err(fade), 4),
             "pixel_error_vae_round_trip": round(err(round_trip), 4),
             "centroid_error_px": round(centroid(made), 3), "centroid_error_px_cross_fade": round(centroid(fade), 3),
@@ -131,7 +129,8 @@ def markdown(r: dict) -> list[str]:
     it, iv = r["interpolation"], r["image_to_video"]
     return ["", f"## Masked-frame model: {r['masked_motion']}", "",
             f"Interpolation: {it['clips']} ground-truth clips of {it['frames']} frames at fps {it['fps']:g}, every "
-            f"{it['k']}th given; scored on the frames filled in between.", "",
+            f"{it['k']}th given; scored on the frames filled in between (interpolate_strength "
+            f"{it['interpolate_strength']:g}, replace_known {str(it['replace_known']).lower()}).", "",
             "| frames in between | pixel error | centroid error (px) |", "|---|---|---|",
             f"| interpolated | {it['pixel_error']:.4f} | {it['centroid_error_px']:.2f} |",
             f"| cross-fade of the given frames | {it['pixel_error_cross_fade']:.4f} | {it['centroid_error_px_cross_fade']:.2f} |",

@@ -40,6 +40,10 @@ class VideoConfig(SamplingOptions):
     interpolate: int = option(1, "frame interpolation factor k: F frames become (F - 1) * k + 1 (needs a masked-frame model)")
     image: Optional[str] = option(None, "animate this image: it becomes the first frame (needs a masked-frame model)")
     masked_motion: Optional[str] = option(None, "masked-frame model from `train interpolation` (default: the preset's `interpolation:`)")
+    interpolate_strength: float = option(1.0, "interpolate=: 1 fills the frames in between from pure noise; lower starts "
+                                              "them from their neighbours' blend noised that far up the schedule (SDEdit)")
+    replace_known: bool = option(True, "with interpolate= or image=, each step's input at the known frames is those frames "
+                                       "noised to the step, as in training (false: only the mask channels carry them)")
     save_frames: bool = option(False, "also write every frame as a PNG under frames/")
 
     def validate(self) -> None:
@@ -52,6 +56,8 @@ class VideoConfig(SamplingOptions):
             raise UserError(f"interpolate must be at least 1 (1 = no interpolation), got {self.interpolate}")
         if (self.frames - 1) * self.interpolate + 1 > 4 * MAX_FRAMES:
             raise UserError(f"frames={self.frames} with interpolate={self.interpolate} makes more than {4 * MAX_FRAMES} frames")
+        if not 0 < self.interpolate_strength <= 1:
+            raise UserError(f"interpolate_strength must be in (0, 1], got {self.interpolate_strength}")
         if self.image is not None and not Path(self.image).is_file():
             raise UserError(f"image={self.image} does not exist")
 
@@ -151,25 +157,41 @@ def generate(prior: Prior, prompt: str, cfg: VideoConfig, generator: torch.Gener
             k = cfg.interpolate
             known = torch.zeros(*shape[:2], (cfg.frames - 1) * k + 1, *shape[3:], device=prior.device)
             known[:, :, ::k] = latents
-            latents = denoise(prior, masked_unet, text, known.shape, cfg, generator, progress, known, cfg.output_fps)
+            latents = denoise(prior, masked_unet, text, known.shape, cfg, generator, progress, known, cfg.output_fps,
+                              init=blend_known(known, k), strength=cfg.interpolate_strength)
     with timer("decode"):  # frames decode `decode_chunk` at a time, so memory does not grow with the length
         return prior.decode_latents(rearrange(latents, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
 
 
 def denoise(prior: Prior, unet: nn.Module, text, shape: tuple, cfg: VideoConfig, generator: torch.Generator,
-            progress: bool, known: torch.Tensor | None = None, fps: float | None = None) -> torch.Tensor:
+            progress: bool, known: torch.Tensor | None = None, fps: float | None = None,
+            init: torch.Tensor | None = None, strength: float = 1.0) -> torch.Tensor:
     """Sample video latents of `shape` with `unet`; frames where `known` is non-zero are given (mask 1) and
-    come back exactly as given. `fps` conditions the temporal layers (default: the clip's `cfg.fps`)."""
+    come back exactly as given. `fps` conditions the temporal layers (default: the clip's `cfg.fps`); `init`
+    and `strength` < 1 start from `init` part of the way up the schedule (`pipelines.sampling.sample`)."""
     latents = reschedule_noise(initial_noise(shape, generator, prior.device), temporal_window(unet), generator)
-    kwargs = {"fps": fps or cfg.fps}
+    kwargs = {"fps": fps or cfg.fps, "init": init, "strength": strength}
     if known is not None:
         kwargs.update(known=known, mask=(known.abs().sum(1, keepdim=True) > 0).float())
+        if cfg.replace_known:
+            kwargs["given"] = (known, kwargs["mask"])
     spatial, prior.unet = prior.unet, unet
     try:
         latents = sample(prior, text, latents, cfg.sampler, cfg.steps, cfg.guidance, generator, progress, **kwargs)
     finally:
         prior.unet = spatial
     return latents if known is None else torch.where(kwargs["mask"].bool(), known.to(latents.dtype), latents)
+
+
+def blend_known(known: torch.Tensor, k: int) -> torch.Tensor:
+    """Latents (b, c, F, h, w) whose every k-th frame is given: each frame between two given ones as their
+    linear blend (the cross-fade an interpolation starts from with interpolate_strength < 1)."""
+    out = known.clone()
+    for j in range(known.shape[2]):
+        a, w = (j // k) * k, (j % k) / k
+        if w:
+            out[:, :, j] = (1 - w) * known[:, :, a] + w * known[:, :, a + k]
+    return out
 
 
 def temporal_window(unet) -> int:

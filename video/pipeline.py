@@ -40,7 +40,7 @@ class VideoConfig(SamplingOptions):
     interpolate: int = option(1, "frame interpolation factor k: F frames become (F - 1) * k + 1 (needs a masked-frame model)")
     image: Optional[str] = option(None, "animate this image: it becomes the first frame (needs a masked-frame model)")
     masked_motion: Optional[str] = option(None, "masked-frame model from `train interpolation` (default: the preset's `interpolation:`)")
-    interpolate_strength: float = option(1.0, "interpolate=: 1 fills the frames in between from pure noise; lower starts "
+    interpolate_strength: float = option(0.3, "interpolate=: 1 fills the frames in between from pure noise; lower starts "
                                               "them from their neighbours' blend noised that far up the schedule (SDEdit)")
     replace_known: bool = option(True, "with interpolate= or image=, each step's input at the known frames is those frames "
                                        "noised to the step, as in training (false: only the mask channels carry them)")

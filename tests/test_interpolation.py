@@ -38,7 +38,8 @@ def test_interpolate_makes_fk_frames_and_keeps_the_clip(tiny_sd, masked_model, t
     [d] = list((tmp_path / "video").iterdir())
     video = probe(d / "video.mp4")
     assert video["frames"] == (4 - 1) * 3 + 1 and video["fps"] == pytest.approx(8 * 3)  # as long, 3x smoother
-    assert json.loads((d / "metadata.json").read_text())["frames"] == 10
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["frames"] == 10 and meta["fps"] == 24 and meta["masked_motion"] == str(masked_model)
 
 
 def test_image_to_video(tiny_sd, masked_model, tmp_path, caplog):

@@ -22,6 +22,7 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -58,6 +59,8 @@ class Eval3DConfig(ThreeDConfig):
     rotations: int = option(36, "turns about the vertical axis tried for the best IoU")
     views: int = option(8, "azimuths of the mesh renders the judge scores")
     judge_elevation: float = option(15.0, "camera elevation of the judged renders, degrees")
+    resume: Optional[str] = option(None, "an eval 3d directory to continue: its finished assets are scored, the one "
+                                         "it was fitting continues from its checkpoint, the rest are fitted (--resume)")
 
     def validate(self) -> None:
         super().validate()

@@ -99,7 +99,7 @@ def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, 
 @torch.no_grad()
 def image_to_video_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, seed: int,
                           progress: bool = True) -> dict:
-    from .evaluate_video import _rate, judge_frames, motion_correct
+    from .evaluate_video import _rate, identity_stability, judge_frames, motion_correct
     from .video import sample_clip_batch
 
     videos, captions, labels = sample_clip_batch(n, torch.Generator().manual_seed(seed + 1), frames=cfg.frames,
@@ -111,8 +111,6 @@ def image_to_video_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int,
                  f"animating {n} first frames", progress)
     names = [MOTIONS[int(m)] for m in labels["motion"]]
     judged = judge_frames(judge, made)
-    majority = lambda x: x.mode(dim=1).values[:, None]  # noqa: E731
-    stable = (judged["color"] == majority(judged["color"])) & (judged["shape"] == majority(judged["shape"]))
     change = (made[:, 1:] - made[:, :-1]).abs().mean(dim=(0, 2, 3, 4))
     moved = motion_correct(made, names)
     return {"clips": n, "frames": cfg.frames, "fps": cfg.fps,
@@ -120,7 +118,7 @@ def image_to_video_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int,
             "per_motion": {m: _rate([ok for ok, name in zip(moved, names) if name == m]) for m in sorted(set(names))},
             "frame_color_accuracy": round(float((judged["color"] == labels["color"][:, None]).float().mean()), 4),
             "frame_shape_accuracy": round(float((judged["shape"] == labels["shape"][:, None]).float().mean()), 4),
-            "identity_stability": round(float(stable.float().mean()), 4),
+            "identity_stability": identity_stability(judged),
             "first_step_jump": round(float(change[0] / change[1:].mean().clamp(min=1e-8)), 3)}
 
 

@@ -165,6 +165,13 @@ def judge_frames(judge, clips: torch.Tensor) -> dict[str, torch.Tensor]:
     return {k: predicted[k].reshape(n, f) for k in ("color", "shape")}
 
 
+def identity_stability(judged: dict[str, torch.Tensor]) -> float:
+    """Fraction of frames whose judged colour and shape are both their clip's majority."""
+    majority = lambda x: x.mode(dim=1).values[:, None]  # noqa: E731
+    stable = (judged["color"] == majority(judged["color"])) & (judged["shape"] == majority(judged["shape"]))
+    return round(float(stable.float().mean()), 4)
+
+
 def ground_truth(cfg: EvalVideoConfig, size: int) -> dict:
     """The motion metrics on ToyWorld's own clips: what a perfect model would score."""
     from .video import sample_clip_batch
@@ -190,14 +197,12 @@ def build_report(cfg: EvalVideoConfig, grid, clips: torch.Tensor, judged: dict, 
     shape = torch.tensor([s for _, s, _ in grid]).repeat_interleave(n_per)[:, None]
     motions = [MOTIONS[m] for _, _, m in grid for _ in range(n_per)]
     moved = motion_correct(clips, motions)
-    majority = lambda x: x.mode(dim=1).values[:, None]
-    stable = (judged["color"] == majority(judged["color"])) & (judged["shape"] == majority(judged["shape"]))
     return {
         "model": cfg.model, "motion": cfg.motion, "clips": len(clips), "frames": cfg.frames, "fps": cfg.fps,
         "prompts": len(grid), "samples_per_prompt": n_per, "steps": cfg.steps, "guidance": cfg.guidance,
         "frame_color_accuracy": round(float((judged["color"] == colour).float().mean()), 4),
         "frame_shape_accuracy": round(float((judged["shape"] == shape).float().mean()), 4),
-        "identity_stability": round(float(stable.float().mean()), 4),
+        "identity_stability": identity_stability(judged),
         "motion_accuracy": _rate(moved),
         "per_motion": {m: _rate([ok for ok, name in zip(moved, motions) if name == m]) for m in dict.fromkeys(motions)},
         "smoothness": round(smoothness(clips), 4),

@@ -102,16 +102,15 @@ def sd15_random_components(device: str) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def fast_path(prior: Prior, modules: tuple[str, ...] = ("unet", "vae"), compile: bool = False,
-              cuda_graphs: bool = False) -> Prior:
+def fast_path(prior: Prior, s: Setting, modules: tuple[str, ...] = ("unet", "vae")) -> Prior:
     """A view of `prior` whose `modules` are copies with the jobs' fast path on (the defaults of
-    PriorOptions: fused q/k/v, channels_last on CUDA; `compile=true` if asked), so a peer sharing
+    PriorOptions: fused q/k/v, channels_last on CUDA; compile and cuda_graphs as the setting asks), so a peer sharing
     `prior`'s modules stays plain."""
     fast = copy.copy(prior)
     for name in modules:
         setattr(fast, name, copy.deepcopy(getattr(prior, name)))
     defaults = PriorOptions()
-    return fast.speed_up(defaults.fuse_qkv, defaults.channels_last, compile, cuda_graphs)
+    return fast.speed_up(defaults.fuse_qkv, defaults.channels_last, s.compile, s.cuda_graphs)
 
 
 def _meta(prior: Prior, s: Setting, height: int, width: int, **extra) -> dict:
@@ -134,7 +133,7 @@ def image_case(size: str, device: str, model: Optional[str] = None, s: Optional[
                                    unet=prior.unet, scheduler=DDIMScheduler.from_config(prior.noise_config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    fast = fast_path(prior, compile=s.compile, cuda_graphs=s.cuda_graphs)
+    fast = fast_path(prior, s)
 
     def ours():
         return generate_image(fast, IMAGE_PROMPT, cfg, generator(s.seed), progress=False)  # (1, 3, H, W)
@@ -181,7 +180,7 @@ def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[
         del adapter
         video_prior = copy.copy(prior)  # shares the text encoder; its own UNetMotionModel, and a VAE copy
         video_prior.unet = load_motion(prior, folder)
-        video_prior = fast_path(video_prior, ("vae",), s.compile, s.cuda_graphs)
+        video_prior = fast_path(video_prior, s, ("vae",))
         pipe = AnimateDiffPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
                                    unet=prior.unet, motion_adapter=MotionAdapter.from_pretrained(folder),
                                    scheduler=DDIMScheduler.from_config(prior.noise_config))
@@ -243,7 +242,7 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
     asset = Asset(cfg).to(device)
     renderer = make_renderer(torch.device(device), cfg, cfg.bound)
     prompts = ViewPrompts(prior, IMAGE_PROMPT, "", cfg)
-    objective = SDSObjective(asset, renderer, SDS(fast_path(prior, compile=s.compile, cuda_graphs=s.cuda_graphs), cfg), prompts, cfg)
+    objective = SDSObjective(asset, renderer, SDS(fast_path(prior, s), cfg), prompts, cfg)
     step = cfg.ambient_only_steps + 1  # past the warm-up: shaded renders, normals
 
     def ours():

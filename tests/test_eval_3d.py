@@ -9,7 +9,8 @@ import trimesh
 import run
 from dreamfusion.export import extract_mesh
 from dreamfusion.cameras import orbit_cameras
-from toyworld.evaluate_3d import ground_truth_views, judge_hits, volumetric_iou
+from dreamfusion.fit import turntable_cameras
+from toyworld.evaluate_3d import Eval3DConfig, ground_truth_views, judge_hits, true_views, volumetric_iou
 from toyworld.judge import load_judge
 from toyworld.render import SDFS
 
@@ -43,13 +44,14 @@ def test_iou_tells_shapes_apart():
 def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     assert run.main(["eval", "3d", f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=1", "steps=2",
                      "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
-                     "turntable_size=16", "encode_size=16", "val_every=0", "views=4", "iou_resolution=16",
-                     "rotations=4", "--out", str(tmp_path), "--quiet"]) == 0
+                     "turntable_size=16", "encode_size=16", "val_every=0", "views=4", "view_frames=4",
+                     "iou_resolution=16", "rotations=4", "--out", str(tmp_path), "--quiet"]) == 0
     [d] = list((tmp_path / "eval").iterdir())
     report = json.loads((d / "report.json").read_text())
     s = report["summary"]
     assert s["assets"] == 1 and 0 <= s["median_iou"] <= 1 and set(s["passes"]) >= {"median_iou", "view_agreement"}
     assert len(report["assets"][0]["color_hits"]) == 4 and (d / "turntables.png").is_file() and (d / "report.md").is_file()
+    assert len(report["assets"][0]["view_hits"]) == 4 and s["view_chance"] == 0.5  # front, side, back, side
     assert set(s["ground_truth"]) == {"color_accuracy", "shape_accuracy", "view_agreement"}
     assert "ground truth" in (d / "report.md").read_text()
     assert [p.name for p in (d / "3d").iterdir()]  # the fitted run is kept next to the report
@@ -79,6 +81,15 @@ def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tm
     assert "made with seeds=2, not seeds=3" in capsys.readouterr().err
     assert run.main(["eval", "3d", "--resume", str(done), "--quiet"]) == 2
     assert "not an eval 3d directory" in capsys.readouterr().err
+
+
+def test_the_view_check_cameras_are_balanced_and_off_the_thresholds():
+    """36 azimuths every 10 degrees: 9 front, 18 side, 9 back, none on a 45-degree threshold, so answering
+    "side" every time scores 50% (on 8 azimuths 0, 45, ... it would score 75%)."""
+    cfg = Eval3DConfig()
+    counts = true_views(turntable_cameras(cfg.view_frames, cfg, "cpu", elevation=cfg.judge_elevation), cfg).bincount()
+    assert counts.tolist() == [9, 18, 9]
+    assert true_views(orbit_cameras(8), cfg).bincount().tolist() == [1, 6, 1]
 
 
 def test_the_judge_reads_the_ground_truth_renders_it_is_compared_with():

@@ -9,7 +9,9 @@ turntables.png) covers:
 - appearance: the judge's colour and shape on renders of the mesh from `views` azimuths (plain-PyTorch
   rasterizer, ToyWorld's camera and light);
 - multi-view consistency (a Janus check): the judge's view (front / side / back) on the NeRF's own
-  turntable renders against the true camera view: an asset with a face on every side fails it.
+  turntable renders (`view_frames` azimuths) against the true camera view: an asset with a face on every
+  side fails it, and so does one with no face at all (the report gives the score of always answering the
+  commonest view).
 The same judge also scores ToyWorld's own render of each prompt's object from the same cameras, so the
 report says how far the judge can go on ground truth. For views that is not far: only the dark front
 marker tells the views apart, so a back view of any round object looks like a side view.
@@ -57,15 +59,16 @@ class Eval3DConfig(ThreeDConfig):
     judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
     iou_resolution: int = option(64, "sample points per side of the IoU grid")
     rotations: int = option(36, "turns about the vertical axis tried for the best IoU")
-    views: int = option(8, "azimuths of the mesh renders the judge scores")
+    views: int = option(8, "azimuths of the mesh renders the judge scores for colour and shape")
+    view_frames: int = option(36, "azimuths (0, 360/n, ...) of the NeRF renders the judge's view is checked on")
     judge_elevation: float = option(15.0, "camera elevation of the judged renders, degrees")
     resume: Optional[str] = option(None, "an eval 3d directory to continue: its finished assets are scored, the one "
                                          "it was fitting continues from its checkpoint, the rest are fitted (--resume)")
 
     def validate(self) -> None:
         super().validate()
-        if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1 or self.views < 1:
-            raise UserError("seeds, rotations and views must be at least 1, iou_resolution at least 8")
+        if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1 or min(self.views, self.view_frames) < 1:
+            raise UserError("seeds, rotations, views and view_frames must be at least 1, iou_resolution at least 8")
         for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES)):
             unknown = [x for x in getattr(self, name) if x not in known]
             if unknown:
@@ -142,14 +145,28 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
     cams = turntable_cameras(cfg.views, cfg, "cpu", elevation=cfg.judge_elevation)
     mesh_views = render_mesh(mesh, cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg, judge.image_size)
     asset = load_asset(run_dir, cfg, device)  # the eval fitted it with cfg's own options
-    nerf_views = render_views(asset, make_renderer(device, cfg, cfg.bound), cams.to(device), judge.image_size, cfg).cpu()
-    true_views = torch.tensor([VIEWS.index(v) for v in view_names(cams.azimuth_deg, cams.elevation_deg, cfg)])
-    on_mesh = judge_hits(judge, mesh_views, color, shape, true_views)
-    on_truth = judge_hits(judge, ground_truth_views(shape, color, cams, judge.image_size), color, shape, true_views)
+    renderer = make_renderer(device, cfg, cfg.bound)
+    nerf_views = render_views(asset, renderer, cams.to(device), judge.image_size, cfg).cpu()
+    on_mesh = judge_hits(judge, mesh_views, color, shape, true_views(cams, cfg))
+    # The view check orbits with view_frames cameras: at 36 (every 10 degrees) none sits on a front/side/back
+    # threshold and a quarter face the front, so a judge that answers "side" to everything scores 50%, not
+    # the 75% it would on 8 azimuths (0, 45, ...), six of which count as side.
+    orbit = turntable_cameras(cfg.view_frames, cfg, "cpu", elevation=cfg.judge_elevation)
+    orbit_views = true_views(orbit, cfg)
+    nerf_orbit = render_views(asset, renderer, orbit.to(device), judge.image_size, cfg).cpu()
+    truth = judge_hits(judge, ground_truth_views(shape, color, cams, judge.image_size), color, shape, true_views(cams, cfg))
+    truth["view"] = judge_hits(judge, ground_truth_views(shape, color, orbit, judge.image_size), color, shape,
+                               orbit_views)["view"]
     return {"iou": round(volumetric_iou(mesh, SHAPES[shape], cfg.iou_resolution, cfg.rotations), 4),
             "color_hits": on_mesh["color"], "shape_hits": on_mesh["shape"],
-            "view_hits": judge_hits(judge, nerf_views, color, shape, true_views)["view"],
-            "ground_truth_hits": on_truth, "mesh_views": mesh_views, "nerf_views": nerf_views}
+            "view_hits": judge_hits(judge, nerf_orbit, color, shape, orbit_views)["view"],
+            "view_chance": round(orbit_views.bincount().max().item() / len(orbit_views), 4),
+            "ground_truth_hits": truth, "mesh_views": mesh_views, "nerf_views": nerf_views}
+
+
+def true_views(cams, cfg: ThreeDConfig) -> torch.Tensor:
+    """The view index (VIEWS) of each camera, by DreamFusion's thresholds."""
+    return torch.tensor([VIEWS.index(v) for v in view_names(cams.azimuth_deg, cams.elevation_deg, cfg)])
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -162,6 +179,7 @@ def summarise(rows: list[dict]) -> dict:
     out.update({metric: rate([h for r in rows for h in r[f"{head}_hits"]]) for metric, head in HIT_METRICS.items()})
     out["ground_truth"] = {metric: rate([h for r in rows for h in r["ground_truth_hits"][head]])
                            for metric, head in HIT_METRICS.items()}
+    out["view_chance"] = max(r["view_chance"] for r in rows)
     out["passes"] = {k: out[k] >= bar for k, bar in BARS.items()}
     return out
 
@@ -173,6 +191,8 @@ def markdown(report: dict) -> str:
              "| metric | value | bar | pass | ground truth |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {s[k]:.3f} | {bar} | {'yes' if s['passes'][k] else 'no'} | "
               f"{f'{truth[k]:.3f}' if k in truth else ''} |" for k, bar in BARS.items()]
+    lines += ["", f"view_agreement is checked on {len(report['assets'][0]['view_hits'])} NeRF renders per asset, evenly "
+              f"spaced in azimuth; answering the commonest true view every time would score {s['view_chance']:.3f}."]
     lines += ["", "| shape | median IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
     lines += ["", "| prompt | seed | IoU | colour | shape | view | view (ground truth) |", "|---|---|---|---|---|---|---|"]
     count = lambda hits: f"{sum(hits)}/{len(hits)}"  # noqa: E731

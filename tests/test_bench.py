@@ -22,20 +22,26 @@ def one_thread():
 
 
 def test_bench_writes_results(tiny_sd, tmp_path, one_thread):
-    assert main(["--device", "cpu", "--size", "small", "--cases", "image,video", "--repeats", "1",
+    assert main(["--device", "cpu", "--size", "small", "--cases", "image,video,video-dpm", "--repeats", "1",
                  "--out", str(tmp_path), "--model", str(tiny_sd)]) == 0
     [path] = tmp_path.glob("*-cpu.json")
     report = json.loads(path.read_text())
     rows = {r["case"]: r for r in report["cases"]}
-    assert set(rows) == {"image", "video"}
+    assert set(rows) == {"image", "video", "video-dpm"}
     for r in rows.values():
         for key in ("ours_s", "peer_s", "ratio", "ours_warmup_s", "peer_warmup_s"):
             assert math.isfinite(r[key]) and r[key] > 0, (r["case"], key, r[key])
-        assert r["steps"] == 25 and r["guidance"] == 7.5
-        assert r["max_abs_diff"] is not None and r["max_abs_diff"] < 1e-3  # the same computation on both sides
-    assert rows["video"]["frames"] == 16
+        assert r["guidance"] == 7.5 and 0 <= r["mean_abs_diff"] <= r["max_abs_diff"]
+    for r in (rows["image"], rows["video"]):  # equal steps: the same computation on both sides
+        assert r["steps"] == 25 and r["sampler"] == "ddim" and "peer_steps" not in r
+        assert r["max_abs_diff"] is not None and r["max_abs_diff"] < 1e-3
+    fewer = rows["video-dpm"]  # its own row: ours at 12 DPM-Solver++ steps, the peer at its 25 DDIM steps
+    assert (fewer["steps"], fewer["sampler"], fewer["peer_steps"], fewer["peer_sampler"]) == (12, "dpm++", 25, "ddim")
+    assert fewer["max_abs_diff"] > 1e-3  # not the same computation
+    assert rows["video"]["frames"] == fewer["frames"] == 16
     table = path.with_suffix(".md").read_text()
     assert "| image |" in table and "| video |" in table and "ours/peer" in table
+    assert "12 steps DPM++ (peer: 25 steps DDIM)" in table and "video-dpm: fewer steps, a separate axis" in table
 
 
 def test_script_entry_point_and_bad_case():

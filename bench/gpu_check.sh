@@ -14,7 +14,7 @@ fi
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=20 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 python3 -c "import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 python3 -m pytest -m gpu -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_dreamfusion_render.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -30
-python3 -m bench --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --cases "${CASES:-image,video,sds}" --repeats 3 \
+python3 -m bench --device "${DEVICE:-cuda}" --size "${SIZE:-full}" --cases "${CASES:-image,video,video-dpm,sds}" --repeats 3 \
   --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log" | tail -40
 # torch.compile'd ours as its own table (-compiled), its compile time in the warm-up column: COMPILE=1
 if [ -n "${COMPILE:-}" ]; then

@@ -103,8 +103,8 @@ def timed(fn, device: str) -> tuple[float, int | None, object]:
     return seconds, mem.peak, out
 
 
-def max_abs_diff(a, b, reduce=torch.max) -> float | None:
-    """The largest (or with `reduce=torch.mean`, the mean) absolute difference of two same-shaped outputs."""
+def abs_diff(a, b, reduce=torch.max) -> float | None:
+    """The largest (`reduce=torch.mean`: the mean) absolute difference of two same-shaped outputs, else None."""
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape:
         return None
     diff = reduce((a.detach().float().cpu() - b.detach().float().cpu()).abs()).item()
@@ -129,8 +129,8 @@ def run_case(case: Case, repeats: int, device: str) -> dict:
         measured = [p for p in peaks.get(side, []) if p is not None]
         row[f"{side}_peak_mem_bytes"] = max(measured) if measured else None
     row["ratio"] = row["ours_s"] / row["peer_s"] if row["peer_s"] else None
-    row["max_abs_diff"] = max_abs_diff(outputs.get("ours"), outputs.get("peer"))
-    row["mean_abs_diff"] = max_abs_diff(outputs.get("ours"), outputs.get("peer"), reduce=torch.mean)
+    row["max_abs_diff"] = abs_diff(outputs.get("ours"), outputs.get("peer"))
+    row["mean_abs_diff"] = abs_diff(outputs.get("ours"), outputs.get("peer"), reduce=torch.mean)
     row.update(case.meta)
     if row.get("target_s") is not None:
         row["target_met"] = row["ours_s"] <= row["target_s"] if device == "cpu" else None  # a CPU target

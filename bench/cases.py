@@ -199,9 +199,10 @@ def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[
     params = sum(p.numel() for p in pipe.motion_adapter.parameters())
     meta = _meta(prior, s, height, width, frames=s.frames, peer="diffusers' AnimateDiffPipeline",
                  motion=f"MotionAdapter ({params / 1e6:.1f}M params, random)")
-    if (sampler, cfg.steps) != ("ddim", s.steps):
-        meta.update(sampler=sampler, steps=cfg.steps, peer_sampler="ddim", peer_steps=s.steps)
-    return Case("video" if "peer_steps" not in meta else f"video-{sampler.replace('+', '')}", ours, peer, meta)
+    if (sampler, cfg.steps) == ("ddim", s.steps):
+        return Case("video", ours, peer, meta)
+    meta.update(sampler=sampler, steps=cfg.steps, peer_sampler="ddim", peer_steps=s.steps)
+    return Case(f"video-{sampler.replace('+', '')}", ours, peer, meta)
 
 
 FEWER_STEPS = 12  # DPM-Solver++ (2M) steps of the fewer-steps row; the issue asks for 10-15

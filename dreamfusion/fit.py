@@ -281,6 +281,9 @@ def save_asset(asset: Asset, path: Path) -> None:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in asset.state_dict().items()}, str(tmp))
 
 
+OPTIONAL_STATE = ("field.encoding.alpha",)  # buffers older runs may lack
+
+
 def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:
     """The run's final asset, or its last checkpoint's (for `export` on an unfinished run)."""
     from safetensors.torch import load_file
@@ -293,5 +296,12 @@ def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:
         state = {k[len("asset."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("asset.")}
     else:
         raise UserError(f"{run_dir} holds no field: neither {WEIGHTS_NAME} nor a checkpoint (run `python run.py 3d` first)")
-    asset.load_state_dict(state, strict=False)
+    try:  # buffers added after a run was made keep their defaults; a parameter mismatch is an error
+        result = asset.load_state_dict(state, strict=False)
+        mismatch = [k for k in result.missing_keys if k not in OPTIONAL_STATE] + result.unexpected_keys
+    except RuntimeError as err:  # a tensor of another shape
+        mismatch = [str(err).splitlines()[-1].strip()]
+    if mismatch:
+        raise UserError(f"{run_dir}'s field does not fit its config's field options ({mismatch[0]}, ...): "
+                        "was it made by another version? Pass the field options it was made with")
     return asset.to(device)

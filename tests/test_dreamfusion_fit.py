@@ -134,3 +134,7 @@ def test_resume_and_export_bad_directories(tiny_sd, tmp_path, capsys):
     assert fit(tiny_sd, tmp_path / "ok") == 0
     d = only_run(tmp_path / "ok")
     assert "was made with guidance=10" in error("3d", "--resume", str(d), "guidance=20")
+    # weights of another field layout than the config says (a run made before an option's default changed)
+    config = d / "config.yaml"
+    config.write_text(config.read_text().replace("albedo_network: shared", "albedo_network: separate"))
+    assert "does not fit its config's field options" in error("export", str(d))

@@ -2,9 +2,13 @@
 
 Follows DreamFusion (Poole et al. 2022, "DreamFusion: Text-to-3D using 2D Diffusion", sec. 3.1):
 the field outputs a volumetric density and an RGB *albedo* (not view-dependent radiance); shading
-is applied later with normals from the negative normalised density gradient. The layout is
-threestudio's "implicit-volume": one trunk MLP over a positional encoding outputs the density
-and the albedo together.
+is applied later with normals from the negative normalised density gradient. The layout follows
+threestudio's "implicit-volume": MLPs over a point encoding. By default (`albedo_network=shared`)
+one trunk MLP outputs the density and the albedo together; `separate` gives the albedo an MLP of its
+own on the same encoding, as threestudio's density and feature networks. A shared trunk cannot paint
+small marks: fitted straight to ToyWorld's renders it loses the front marker that a separate albedo
+MLP keeps. With a frequency encoding, though, a separate albedo MLP also prints the encoding's
+axis-aligned ripples into the colour, so the ToyWorld recipe keeps it shared.
 
   * Encoding: NeRF's frequency (positional) encoding (Mildenhall et al. 2020), or a plain-PyTorch
     multiresolution hash encoding with trilinear interpolation (Instant-NGP, Mueller et al. 2022).
@@ -52,6 +56,8 @@ class FieldConfig:
     hash_max_resolution: int = option(256, "hashgrid: finest grid resolution")
     hidden: int = option(64, "width of the trunk MLP")
     layers: int = option(2, "hidden layers of the trunk MLP")
+    albedo_network: str = option("shared", "albedo from the density trunk (shared), or from an MLP of its own on the "
+                                           "same encoding (separate: threestudio's feature network; holds small marks)")
     blob_density: float = option(10.0, "Magic3D density blob: peak added to the raw density at the centre")
     blob_radius: float = option(0.5, "Magic3D density blob: radius where the added density crosses 0")
     density_activation: str = option("softplus", "softplus, or exp (truncated exp with clamped gradient)")
@@ -67,6 +73,7 @@ class FieldConfig:
         _choice("density_activation", self.density_activation, DENSITY_ACTIVATIONS)
         _choice("background", self.background, BACKGROUNDS)
         _choice("normals", self.normals, ("autograd", "finite_difference"))
+        _choice("albedo_network", self.albedo_network, ("shared", "separate"))
         if not self.normal_eps > 0:
             raise UserError(f"normal_eps must be positive, got {self.normal_eps}")
         for name in ("hash_levels", "hash_features", "hidden", "layers"):
@@ -207,20 +214,28 @@ class NeRFField(nn.Module):
                                              cfg.hash_base_resolution, cfg.hash_max_resolution)
         else:
             self.encoding = FrequencyEncoding(cfg.frequencies)
-        self.trunk = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 4)  # raw density + 3 albedo logits
+        separate = cfg.albedo_network == "separate"
+        # raw density + 3 albedo logits, or the density alone when albedo has its own MLP
+        self.trunk = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 1 if separate else 4)
+        self.albedo = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 3) if separate else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Points (N, 3) -> density (N,) >= 0 and albedo (N, 3) in [0, 1]."""
-        out = self.trunk(self.encoding(x / self.cfg.bound))  # (N, 4)
-        raw = out[:, 0] + self._blob(x)  # (N,)
+        feats = self.encoding(x / self.cfg.bound)
+        out = self.trunk(feats)  # (N, 4), or (N, 1) with a separate albedo MLP
+        albedo_logits = out[:, 1:] if self.albedo is None else self.albedo(feats)
+        return self._density(x, out[:, 0]), torch.sigmoid(albedo_logits)
+
+    def query_density(self, x: Tensor) -> Tensor:
+        """Points (N, 3) -> density (N,) >= 0 (a separate albedo MLP is not run)."""
+        return self._density(x, self.trunk(self.encoding(x / self.cfg.bound))[:, 0])
+
+    def _density(self, x: Tensor, raw: Tensor) -> Tensor:
+        raw = raw + self._blob(x)  # (N,)
         density = F.softplus(raw) if self.cfg.density_activation == "softplus" else trunc_exp(raw)
         inside = (x.abs() <= self.cfg.bound).all(-1)
         # `where`, not a multiply: exp may overflow to inf outside, and inf * 0 is nan.
-        return torch.where(inside, density, torch.zeros_like(density)), torch.sigmoid(out[:, 1:])
-
-    def query_density(self, x: Tensor) -> Tensor:
-        """Points (N, 3) -> density (N,) >= 0."""
-        return self(x)[0]
+        return torch.where(inside, density, torch.zeros_like(density))
 
     def anneal(self, progress: float) -> None:
         """The coarse-to-fine schedule at `progress` (0..1) of the fit: the frequency encoding's octaves

@@ -75,4 +75,5 @@ def test_model_preset_carries_its_own_3d_recipe():
     sd = config.load(ThreeDConfig, "3d", ["model=sd15"])
     assert (toy.distance_range, toy.background, toy.encode_size) == ((3.2, 3.8), "fixed", None)
     assert (sd.steps, sd.encode_size, sd.guidance, sd.background, sd.encoding) == (10000, 512, 100.0, "mlp", "hashgrid")
+    assert (toy.albedo_network, sd.albedo_network) == ("shared", "separate")
     assert config.load(ThreeDConfig, "3d", ["model=sd15", "steps=7"]).steps == 7

@@ -385,6 +385,20 @@ def test_frequency_annealing_opens_octaves_coarse_to_fine():
     assert "alpha" in enc.state_dict()  # a resumed or exported field keeps its octaves
 
 
+def test_separate_albedo_network_leaves_density_to_the_trunk():
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(albedo_network="separate"))
+    x = torch.randn(32, 3) * 0.5
+    density, albedo = field(x)
+    torch.testing.assert_close(field.query_density(x), density)  # the density path never runs the albedo MLP
+    albedo.sum().backward()  # albedo gradients reach only the albedo MLP and the encoding
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in field.trunk.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.albedo.parameters())
+    assert NeRFField(FieldConfig()).albedo is None  # shared: one trunk gives density and albedo
+    with pytest.raises(UserError, match="albedo_network"):
+        FieldConfig(albedo_network="split").validate()
+
+
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
 def test_finite_difference_normals_match_autograd(encoding):
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     assert len(report["assets"][0]["color_hits"]) == 4 and (d / "turntables.png").is_file() and (d / "report.md").is_file()
     assert len(report["assets"][0]["view_hits"]) == 4 and s["view_chance"] == 0.5  # front, side, back, side
     assert set(s["ground_truth"]) == {"color_accuracy", "shape_accuracy", "view_agreement"}
-    assert "ground truth" in (d / "report.md").read_text()
+    assert "ground truth" in (d / "report.md").read_text() and "Unfinished" not in (d / "report.md").read_text()
     assert [p.name for p in (d / "3d").iterdir()]  # the fitted run is kept next to the report
 
 
@@ -81,6 +81,29 @@ def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tm
     assert "made with seeds=2, not seeds=3" in capsys.readouterr().err
     assert run.main(["eval", "3d", "--resume", str(done), "--quiet"]) == 2
     assert "not an eval 3d directory" in capsys.readouterr().err
+
+
+def test_a_stopped_eval_3d_keeps_the_report_of_the_assets_done(tiny_sd, tmp_path, monkeypatch):
+    import toyworld.evaluate_3d as ev
+
+    fit = ev.fit
+
+    def stopped_at_the_second(cfg, *args, **kwargs):
+        if cfg.seed == 1:
+            raise KeyboardInterrupt  # Ctrl-C while fitting the second asset
+        return fit(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "fit", stopped_at_the_second)
+    assert run.main(["eval", "3d", f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=2", "steps=2",
+                     "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
+                     "turntable_size=16", "encode_size=16", "val_every=0", "views=2", "view_frames=4",
+                     "iou_resolution=16", "rotations=2", "--out", str(tmp_path), "--quiet"]) == 130
+    [d] = list((tmp_path / "eval").iterdir())
+    report = json.loads((d / "report.json").read_text())
+    assert (report["summary"]["assets"], report["planned"]) == (1, 2)
+    assert [a["seed"] for a in report["assets"]] == [0] and 0 <= report["assets"][0]["iou"] <= 1
+    assert "Unfinished: 1 of 2 assets" in (d / "report.md").read_text()
+    assert not (d / "metadata.json").exists()  # the eval itself is not marked done
 
 
 def test_the_view_check_cameras_are_balanced_and_off_the_thresholds():

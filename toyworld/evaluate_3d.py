@@ -2,7 +2,7 @@
 
 For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted exactly as `python run.py 3d`
 makes them (each run directory is kept under the eval's folder). The report (report.json, report.md,
-turntables.png) covers:
+rewritten after every asset so a stopped eval keeps its numbers so far; turntables.png at the end) covers:
 - geometry: volumetric IoU between the exported mesh and the ground-truth primitive (ToyWorld's SDF at
   unit scale), after moving both to their centroid, scaling both to unit volume, and taking the best of
   `rotations` turns about the vertical axis;
@@ -187,8 +187,10 @@ def summarise(rows: list[dict]) -> dict:
 def markdown(report: dict) -> str:
     s, truth = report["summary"], report["summary"]["ground_truth"]
     lines = ["# eval 3d", "", f"{s['assets']} assets; bars from the 3D issue. 'ground truth': the same judge on ToyWorld's "
-             "own render of each object from the same cameras (what the judge can reach).", "",
-             "| metric | value | bar | pass | ground truth |", "|---|---|---|---|---|"]
+             "own render of each object from the same cameras (what the judge can reach).", ""]
+    if s["assets"] < report.get("planned", s["assets"]):
+        lines += [f"**Unfinished: {s['assets']} of {report['planned']} assets so far** (`--resume` this folder to go on).", ""]
+    lines += ["| metric | value | bar | pass | ground truth |", "|---|---|---|---|---|"]
     lines += [f"| {k} | {s[k]:.3f} | {bar} | {'yes' if s['passes'][k] else 'no'} | "
               f"{f'{truth[k]:.3f}' if k in truth else ''} |" for k, bar in BARS.items()]
     lines += ["", f"view_agreement is checked on {len(report['assets'][0]['view_hits'])} NeRF renders per asset, evenly "
@@ -234,14 +236,13 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
     device = pick_device(cfg.device)
     judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
     timer = Timer()
-    earlier = {}
+    earlier, planned = {}, len(cfg.grid()) * cfg.seeds
     if eval_dir is None:
         eval_dir = make_run_dir(out, "eval", "3d")
         write_yaml(eval_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
     else:
         earlier = earlier_runs(eval_dir)
-        logger.info("resuming %s: %d of %d assets already started or done", eval_dir, len(earlier),
-                    len(cfg.grid()) * cfg.seeds)
+        logger.info("resuming %s: %d of %d assets already started or done", eval_dir, len(earlier), planned)
     rows, strips = [], []
     fit_cfg = ThreeDConfig(**{k: v for k, v in to_dict(cfg).items() if k in ThreeDConfig.__dataclass_fields__})
     fit_cfg = replace(fit_cfg, resume=None)
@@ -259,9 +260,11 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
             rows.append({"prompt": prompt, "seed": cfg.seed + k, "color_index": c, "shape_index": s,
                          "shape_name": SHAPES[s], "run": run_dir.name, **scored})
             logger.info("%s (seed %d): IoU %.3f", prompt, cfg.seed + k, scored["iou"])
-    report = {"summary": summarise(rows), "assets": rows, "judge": cfg.judge, "judge_metrics": judge.metrics}
-    write_json(eval_dir / "report.json", report)
-    write_text(eval_dir / "report.md", markdown(report))
+            # after every asset: a stopped eval (hours on a CPU) still leaves the numbers so far
+            report = {"summary": summarise(rows), "assets": rows, "planned": planned, "judge": cfg.judge,
+                      "judge_metrics": judge.metrics}
+            write_json(eval_dir / "report.json", report)
+            write_text(eval_dir / "report.md", markdown(report))
     sheet = rearrange(torch.stack(strips), "a v c h w -> c (a h) (v w)")  # one row per asset: NeRF over mesh
     save_image(eval_dir / "turntables.png", to_pil(sheet[None])[0])
     write_json(eval_dir / "metadata.json", {"job": "eval 3d", "timings_s": timer.stages, "versions": versions(),

@@ -302,6 +302,6 @@ def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:
     except RuntimeError as err:  # a tensor of another shape
         mismatch = [str(err).splitlines()[-1].strip()]
     if mismatch:
-        raise UserError(f"{run_dir}'s field does not fit its config's field options ({mismatch[0]}, ...): "
-                        "was it made by another version? Pass the field options it was made with")
+        raise UserError(f"{run_dir}'s field does not fit its config's field options ({mismatch[0]}): its "
+                        "config.yaml no longer says how the field was made (edited, or made by another version)")
     return asset.to(device)

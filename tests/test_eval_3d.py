@@ -29,6 +29,13 @@ def primitive_mesh(shape: str, scale=1.0, shift=(0.0, 0.0, 0.0), yaw_deg=0.0, re
     return mesh
 
 
+def tiny(tiny_sd) -> list[str]:
+    """One red cube, fitted and scored at toy sizes by the tiny random prior."""
+    return [f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "steps=2", "resolution=16", "batch_size=1",
+            "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2", "turntable_size=16", "encode_size=16",
+            "val_every=0", "iou_resolution=16"]
+
+
 def test_iou_is_one_for_the_primitive_itself_after_moving_scaling_and_turning():
     for shape in ("cube", "cone", "torus"):
         mesh = primitive_mesh(shape, scale=0.7, shift=(0.3, -0.2, 0.5), yaw_deg=40)
@@ -42,10 +49,8 @@ def test_iou_tells_shapes_apart():
 
 
 def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
-    assert run.main(["eval", "3d", f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=1", "steps=2",
-                     "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
-                     "turntable_size=16", "encode_size=16", "val_every=0", "views=4", "view_frames=4",
-                     "iou_resolution=16", "rotations=4", "--out", str(tmp_path), "--quiet"]) == 0
+    assert run.main(["eval", "3d", *tiny(tiny_sd), "seeds=1", "views=4", "view_frames=4", "rotations=4",
+                     "--out", str(tmp_path), "--quiet"]) == 0
     [d] = list((tmp_path / "eval").iterdir())
     report = json.loads((d / "report.json").read_text())
     s = report["summary"]
@@ -58,10 +63,8 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
 
 
 def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tmp_path, capsys):
-    tiny = [f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=2", "steps=2", "checkpoint_every=1",
-            "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
-            "turntable_size=16", "encode_size=16", "val_every=0", "views=2", "iou_resolution=16", "rotations=2"]
-    assert run.main(["eval", "3d", *tiny, "--out", str(tmp_path), "--quiet"]) == 0
+    args = [*tiny(tiny_sd), "seeds=2", "checkpoint_every=1", "views=2", "rotations=2"]
+    assert run.main(["eval", "3d", *args, "--out", str(tmp_path), "--quiet"]) == 0
     [d] = list((tmp_path / "eval").iterdir())
     first = json.loads((d / "report.json").read_text())["assets"]
     runs = {json.loads((r / "metadata.json").read_text())["command"] and r for r in (d / "3d").iterdir()}
@@ -94,10 +97,8 @@ def test_a_stopped_eval_3d_keeps_the_report_of_the_assets_done(tiny_sd, tmp_path
         return fit(cfg, *args, **kwargs)
 
     monkeypatch.setattr(ev, "fit", stopped_at_the_second)
-    assert run.main(["eval", "3d", f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "seeds=2", "steps=2",
-                     "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
-                     "turntable_size=16", "encode_size=16", "val_every=0", "views=2", "view_frames=4",
-                     "iou_resolution=16", "rotations=2", "--out", str(tmp_path), "--quiet"]) == 130
+    assert run.main(["eval", "3d", *tiny(tiny_sd), "seeds=2", "views=2", "view_frames=4", "rotations=2",
+                     "--out", str(tmp_path), "--quiet"]) == 130
     [d] = list((tmp_path / "eval").iterdir())
     report = json.loads((d / "report.json").read_text())
     assert (report["summary"]["assets"], report["planned"]) == (1, 2)

@@ -72,13 +72,15 @@ def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tm
     (cut / "metadata.json").unlink()  # as if stopped after its last checkpoint, before the export
     (cut / "mesh.glb").unlink()
     (d / "report.json").unlink()
-    stamp = (done / "mesh.glb").stat().st_mtime_ns
+    stamps = [(done / name).stat().st_mtime_ns for name in ("mesh.glb", "eval_score.json")]
 
     assert run.main(["eval", "3d", "--resume", str(d), "--quiet"]) == 0
     report = json.loads((d / "report.json").read_text())
     assert sorted(p.name for p in (d / "3d").iterdir()) == sorted(r.name for r in runs)  # no asset fitted anew
-    assert (done / "mesh.glb").stat().st_mtime_ns == stamp and (cut / "mesh.glb").is_file()
+    assert [(done / name).stat().st_mtime_ns for name in ("mesh.glb", "eval_score.json")] == stamps  # nor scored
+    assert (cut / "mesh.glb").is_file() and (cut / "eval_score.json").is_file()
     assert [a["iou"] for a in report["assets"]] == [a["iou"] for a in first]
+    assert (d / "turntables.png").is_file()  # the finished asset's views came back from its run folder
 
     assert run.main(["eval", "3d", "--resume", str(d), "seeds=3", "--quiet"]) == 2
     assert "made with seeds=2, not seeds=3" in capsys.readouterr().err

@@ -1,8 +1,9 @@
 """`python run.py eval 3d`: are the 3D assets the right shape, the right colour, and one object from every side?
 
 For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted exactly as `python run.py 3d`
-makes them (each run directory is kept under the eval's folder). The report (report.json, report.md,
-rewritten after every asset so a stopped eval keeps its numbers so far; turntables.png at the end) covers:
+makes them (each run directory is kept under the eval's folder, with that asset's scores, so `--resume`
+never fits or scores an asset twice). The report (report.json, report.md, rewritten after every asset so a
+stopped eval keeps its numbers so far; turntables.png at the end) covers:
 - geometry: volumetric IoU between the exported mesh and the ground-truth primitive (ToyWorld's SDF at
   unit scale), after moving both to their centroid, scaling both to unit volume, and taking the best of
   `rotations` turns about the vertical axis;
@@ -19,6 +20,7 @@ marker tells the views apart, so a back view of any round object looks like a si
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import trimesh
 from einops import rearrange
+from PIL import Image
 
 from dreamfusion.cameras import view_names
 from dreamfusion.config import ThreeDConfig
@@ -48,6 +51,7 @@ from .world import COLOR_NAMES, SHAPES, VIEWS, Scene
 
 logger = logging.getLogger(__name__)
 HIT_METRICS = {"color_accuracy": "color", "shape_accuracy": "shape", "view_agreement": "view"}  # metric -> judge head
+SCORE_FILE, VIEWS_FILE = "eval_score.json", "eval_views.png"  # an asset's scores, kept in its run folder
 BARS = {"median_iou": 0.6, "min_shape_iou": 0.4, "color_accuracy": 0.9, "shape_accuracy": 0.8, "view_agreement": 0.7}
 
 
@@ -62,7 +66,7 @@ class Eval3DConfig(ThreeDConfig):
     views: int = option(8, "azimuths of the mesh renders the judge scores for colour and shape")
     view_frames: int = option(36, "azimuths (0, 360/n, ...) of the NeRF renders the judge's view is checked on")
     judge_elevation: float = option(15.0, "camera elevation of the judged renders, degrees")
-    resume: Optional[str] = option(None, "an eval 3d directory to continue: its finished assets are scored, the one "
+    resume: Optional[str] = option(None, "an eval 3d directory to continue: its scored assets are kept, the one "
                                          "it was fitting continues from its checkpoint, the rest are fitted (--resume)")
 
     def validate(self) -> None:
@@ -161,7 +165,24 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
             "color_hits": on_mesh["color"], "shape_hits": on_mesh["shape"],
             "view_hits": judge_hits(judge, nerf_orbit, color, shape, orbit_views)["view"],
             "view_chance": round(orbit_views.bincount().max().item() / len(orbit_views), 4),
-            "ground_truth_hits": truth, "mesh_views": mesh_views, "nerf_views": nerf_views}
+            "ground_truth_hits": truth, "views": torch.cat([nerf_views, mesh_views], -2)}  # NeRF above mesh
+
+
+def save_score(run_dir: Path, scored: dict) -> None:
+    """Keep an asset's scores in its run (SCORE_FILE, VIEWS_FILE), so a resumed eval need not score it again."""
+    save_image(run_dir / VIEWS_FILE, to_pil(rearrange(scored["views"], "v c h w -> 1 c h (v w)"))[0])
+    write_json(run_dir / SCORE_FILE, {k: v for k, v in scored.items() if k != "views"})
+
+
+def load_score(run_dir: Path) -> dict | None:
+    """The scores save_score kept, or None if there are none or the mesh was re-exported since."""
+    path, views = run_dir / SCORE_FILE, run_dir / VIEWS_FILE
+    if not (path.is_file() and views.is_file()) or path.stat().st_mtime < (run_dir / "mesh.ply").stat().st_mtime:
+        return None
+    scored = json.loads(path.read_text())
+    strip = torch.from_numpy(np.asarray(Image.open(views).convert("RGB"))).float() / 255
+    scored["views"] = rearrange(strip, "h (v w) c -> v c h w", v=len(scored["color_hits"]))
+    return scored
 
 
 def true_views(cams, cfg: ThreeDConfig) -> torch.Tensor:
@@ -254,9 +275,12 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
                 resume = None if run_dir is None else str(run_dir)
                 with timer("fit"):
                     run_dir = fit(replace(fit_cfg, seed=cfg.seed + k, resume=resume), prompt, eval_dir, progress)
-            with timer("score"):
-                scored = score_asset(run_dir, c, s, cfg, judge, device)
-            strips.append(torch.cat([scored.pop("nerf_views"), scored.pop("mesh_views")], -2))  # NeRF above mesh
+            scored = load_score(run_dir)  # scored by an earlier pass of this eval
+            if scored is None:
+                with timer("score"):
+                    scored = score_asset(run_dir, c, s, cfg, judge, device)
+                save_score(run_dir, scored)
+            strips.append(scored.pop("views"))
             rows.append({"prompt": prompt, "seed": cfg.seed + k, "color_index": c, "shape_index": s,
                          "shape_name": SHAPES[s], "run": run_dir.name, **scored})
             logger.info("%s (seed %d): IoU %.3f", prompt, cfg.seed + k, scored["iou"])

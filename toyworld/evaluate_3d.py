@@ -175,7 +175,7 @@ def save_score(run_dir: Path, scored: dict) -> None:
 
 
 def load_score(run_dir: Path) -> dict | None:
-    """The scores save_score kept, or None if there are none or the mesh was re-exported since."""
+    """The scores save_score kept, or None if there are none or the run's mesh.ply was rewritten after them."""
     path, views = run_dir / SCORE_FILE, run_dir / VIEWS_FILE
     if not (path.is_file() and views.is_file()) or path.stat().st_mtime < (run_dir / "mesh.ply").stat().st_mtime:
         return None

@@ -52,6 +52,11 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> (1, 3, H, W) in [0, 1] (to_pil's inverse, up to its rounding)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
+
+
 def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path, model_hash: str,
         setup_s: dict[str, float], progress: bool = True, process: int = 0) -> Path:
     """Generate one prompt's images into a fresh run directory and return it."""

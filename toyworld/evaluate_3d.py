@@ -41,7 +41,7 @@ from dreamfusion.fit import STAGE, fit, load_asset, render_views, resumed_config
 from dreamfusion.renderer import make_renderer
 from pipelines.config import load_yaml, option, to_dict
 from pipelines.errors import UserError
-from pipelines.image import to_pil
+from pipelines.image import from_pil, to_pil
 from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, save_image, versions, write_json, write_text, write_yaml
 from pipelines.training import checkpoint_step
 
@@ -180,8 +180,9 @@ def load_score(run_dir: Path) -> dict | None:
     if not (path.is_file() and views.is_file()) or path.stat().st_mtime < (run_dir / "mesh.ply").stat().st_mtime:
         return None
     scored = json.loads(path.read_text())
-    strip = torch.from_numpy(np.asarray(Image.open(views).convert("RGB"))).float() / 255
-    scored["views"] = rearrange(strip, "h (v w) c -> v c h w", v=len(scored["color_hits"]))
+    with Image.open(views) as image:
+        strip = from_pil(image)
+    scored["views"] = rearrange(strip, "1 c h (v w) -> v c h w", v=len(scored["color_hits"]))
     return scored
 
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 from einops import rearrange
 from torch import nn
 
 from pipelines.config import option, to_dict
 from pipelines.errors import UserError
+from pipelines.image import from_pil
 from pipelines.options import SamplingOptions
 from pipelines.prior import Prior
 from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, versions, write_json, write_yaml
@@ -264,7 +264,7 @@ def load_image(path: str, height: int, width: int) -> torch.Tensor:
     if image.size != (width, height):
         logger.warning("image=%s is %dx%d; resized to the clip's %dx%d", path, *image.size, width, height)
         image = image.resize((width, height), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+    return from_pil(image)
 
 
 def default_motion(model: str, key: str = "motion") -> str | None:

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import torch
 import trimesh
@@ -10,7 +11,7 @@ import run
 from dreamfusion.export import extract_mesh
 from dreamfusion.cameras import orbit_cameras
 from dreamfusion.fit import turntable_cameras
-from toyworld.evaluate_3d import Eval3DConfig, ground_truth_views, judge_hits, true_views, volumetric_iou
+from toyworld.evaluate_3d import RECORD_FILES, Eval3DConfig, ground_truth_views, judge_hits, true_views, volumetric_iou
 from toyworld.judge import load_judge
 from toyworld.render import SDFS
 
@@ -81,6 +82,18 @@ def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tm
     assert (cut / "mesh.glb").is_file() and (cut / "eval_score.json").is_file()
     assert [a["iou"] for a in report["assets"]] == [a["iou"] for a in first]
     assert (d / "turntables.png").is_file()  # the finished asset's views came back from its run folder
+
+    # the eval's record alone (the report's files and each run's RECORD_FILES: no meshes, no checkpoints)
+    # resumes to the same report without fitting or scoring anything: how docs/eval3d-grid travels in git
+    record = tmp_path / "record"
+    for path in d.rglob("*"):
+        if path.is_file() and (path.parent == d or path.name in RECORD_FILES):
+            (record / path.relative_to(d)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, record / path.relative_to(d))
+    assert not list(record.rglob("mesh.*")) and not list(record.rglob("*.safetensors"))
+    assert run.main(["eval", "3d", "--resume", str(record), "--quiet"]) == 0
+    assert json.loads((record / "report.json").read_text())["assets"] == report["assets"]
+    assert not list(record.rglob("mesh.*"))  # nothing was fitted again
 
     assert run.main(["eval", "3d", "--resume", str(d), "seeds=3", "--quiet"]) == 2
     assert "made with seeds=2, not seeds=3" in capsys.readouterr().err

@@ -52,6 +52,7 @@ from .world import COLOR_NAMES, SHAPES, VIEWS, Scene
 logger = logging.getLogger(__name__)
 HIT_METRICS = {"color_accuracy": "color", "shape_accuracy": "shape", "view_agreement": "view"}  # metric -> judge head
 SCORE_FILE, VIEWS_FILE = "eval_score.json", "eval_views.png"  # an asset's scores, kept in its run folder
+RECORD_FILES = ("config.yaml", "metadata.json", SCORE_FILE, VIEWS_FILE)  # all a resume needs of a scored run
 BARS = {"median_iou": 0.6, "min_shape_iou": 0.4, "color_accuracy": 0.9, "shape_accuracy": 0.8, "view_agreement": 0.7}
 
 
@@ -175,9 +176,10 @@ def save_score(run_dir: Path, scored: dict) -> None:
 
 
 def load_score(run_dir: Path) -> dict | None:
-    """The scores save_score kept, or None if there are none or the run's mesh.ply was rewritten after them."""
-    path, views = run_dir / SCORE_FILE, run_dir / VIEWS_FILE
-    if not (path.is_file() and views.is_file()) or path.stat().st_mtime < (run_dir / "mesh.ply").stat().st_mtime:
+    """The scores save_score kept, or None if there are none or the run's mesh.ply was rewritten after them.
+    A run pruned to its record (config.yaml, metadata.json and these two files, no mesh) keeps its scores."""
+    path, views, mesh = run_dir / SCORE_FILE, run_dir / VIEWS_FILE, run_dir / "mesh.ply"
+    if not (path.is_file() and views.is_file()) or (mesh.is_file() and path.stat().st_mtime < mesh.stat().st_mtime):
         return None
     scored = json.loads(path.read_text())
     with Image.open(views) as image:

@@ -177,7 +177,7 @@ def save_score(run_dir: Path, scored: dict) -> None:
 
 def load_score(run_dir: Path) -> dict | None:
     """The scores save_score kept, or None if there are none or the run's mesh.ply was rewritten after them.
-    A run pruned to its record (config.yaml, metadata.json and these two files, no mesh) keeps its scores."""
+    A run pruned to RECORD_FILES (no mesh) keeps its scores."""
     path, views, mesh = run_dir / SCORE_FILE, run_dir / VIEWS_FILE, run_dir / "mesh.ply"
     if not (path.is_file() and views.is_file()) or (mesh.is_file() and path.stat().st_mtime < mesh.stat().st_mtime):
         return None

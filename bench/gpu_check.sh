@@ -2,8 +2,9 @@
 # Everything that needs the lent GPU, in one call (see DEVELOPERS.md): the GPU test group (nerfacc vs the
 # batched renderer, a CUDA 3D fit, the fast path on/off, bf16 vs fp32) and the full-size benchmarks
 # against the peers, written to $OUT/bench/. Carry .whl: diffusers, importlib_metadata, trimesh and
-# nerfacc wheels (av is 36 MB and does not fit next to the repository: the one test that writes an mp4
-# skips without it). nerfacc JIT-builds its CUDA code on first use (about 60 s).
+# nerfacc wheels, which `bash bench/fetch_wheels.sh` downloads here first (av is 36 MB and does not fit
+# next to the repository: the one test that writes an mp4 skips without it). nerfacc JIT-builds its CUDA
+# code on first use (about 60 s).
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
 # CPU dry run (the GPU tests skip, the bench runs small): OUT=/tmp/o SIZE=small DEVICE=cpu bash bench/gpu_check.sh
 set -uo pipefail

@@ -27,7 +27,7 @@ from .shading import ShadingConfig
 class ExportOptions:
     mesh_resolution: int = option(128, "marching-cubes grid resolution per side")
     iso_level: Optional[float] = option(None, "density iso-level of the mesh (None: automatic, from the rendered opacity)")
-    keep_components: int = option(1, "keep this many largest connected mesh components")
+    keep_components: int = option(1, "keep this many largest connected mesh components (0 keeps them all)")
     formats: tuple[str, ...] = option(MESH_FORMATS, "mesh files to write: obj, glb, ply")
     turntable_frames: int = option(48, "frames of the 360-degree turntable videos")
     turntable_fps: float = option(12.0, "frames per second of the turntable videos")
@@ -37,8 +37,8 @@ class ExportOptions:
     def validate(self) -> None:
         if self.mesh_resolution < 8:
             raise UserError(f"mesh_resolution must be at least 8, got {self.mesh_resolution}")
-        if self.keep_components < 1:
-            raise UserError(f"keep_components must be at least 1, got {self.keep_components}")
+        if self.keep_components < 0:
+            raise UserError(f"keep_components must be >= 0 (0 keeps every component), got {self.keep_components}")
         unknown = [f for f in self.formats if f not in MESH_FORMATS]
         if unknown or not self.formats:
             raise UserError(f"formats must list some of {', '.join(MESH_FORMATS)}, got {list(self.formats)}")

@@ -79,6 +79,7 @@ def test_cleanup_keeps_the_largest_components():
     assert big.body_count == 1 and big.bounds[1, 0] < 0 and big.is_watertight
     assert big.volume == pytest.approx(4 / 3 * math.pi * 0.35**3, rel=0.05)
     assert extract_mesh(grid, 1.0, PEAK / 2, keep_components=2).body_count == 2
+    assert extract_mesh(grid, 1.0, PEAK / 2, keep_components=0).body_count == 2  # 0 keeps them all
 
 
 @pytest.mark.parametrize("level, hint", [(PEAK * 2, "lower iso_level="), (-1.0, "raise iso_level=")])

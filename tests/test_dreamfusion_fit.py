@@ -109,6 +109,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeyp
     ("resolution=0", "resolution must be a positive"),
     ("guidance=-1", "guidance must be a finite number >= 0"),
     ("mesh_resolution=100000", "mesh_resolution="),
+    ("keep_components=-1", "keep_components must be >= 0"),
 ])
 def test_3d_bad_input(tiny_sd, tmp_path, capsys, override, message):
     assert fit(tiny_sd, tmp_path, override) == 2

@@ -49,6 +49,8 @@ class FieldConfig:
     frequencies: int = option(6, "frequency encoding: number of octaves (sin/cos of 2^k pi x)")
     frequency_anneal: float = option(0.0, "frequency encoding: open the octaves coarse to fine over this fraction "
                                           "of the steps (BARF / threestudio's progressive band); 0 opens all at once")
+    frequency_decay: float = option(1.0, "frequency encoding: octave k's features are scaled by decay^k, so under "
+                                         "Adam the fine octaves change the field more slowly; 1 leaves them alone")
     hash_levels: int = option(12, "hashgrid: number of resolution levels")
     hash_features: int = option(2, "hashgrid: features per level")
     hash_log2_size: int = option(15, "hashgrid: log2 of the hash table size per level")
@@ -81,6 +83,8 @@ class FieldConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.frequencies < 0:
             raise UserError(f"frequencies must be >= 0, got {self.frequencies}")
+        if not 0 < self.frequency_decay <= 1:
+            raise UserError(f"frequency_decay must be in (0, 1], got {self.frequency_decay}")
         if not 0 <= self.frequency_anneal <= 1:
             raise UserError(f"frequency_anneal must be a fraction of the steps in [0, 1], got {self.frequency_anneal}")
         if not 4 <= self.hash_log2_size <= 24:
@@ -108,17 +112,24 @@ class FrequencyEncoding(nn.Module):
     `alpha` growing from 0 to `octaves` during a fit, the field is smooth first and gains detail later,
     which keeps SDS from carving the axis-aligned ripples high octaves otherwise print on a shape.
     `alpha` is a saved buffer, so a resumed or exported field has the octaves it was trained with.
+
+    `decay` < 1 also scales octave k by decay^k for good. Adam moves every weight by about the learning
+    rate whatever its gradient's size, so the weights on the fine octaves, whose SDS gradients are small
+    and noisy, change the field as fast as the coarse ones; the scale slows them in proportion.
     """
 
-    def __init__(self, octaves: int):
+    def __init__(self, octaves: int, decay: float = 1.0):
         super().__init__()
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(octaves, dtype=torch.float32), persistent=False)
         self.register_buffer("alpha", torch.tensor(float(octaves)))  # all octaves open
+        self.decay = decay
         self.out_dim = 3 + 6 * octaves
 
     def forward(self, x: Tensor) -> Tensor:
         k = torch.arange(len(self.freqs), device=x.device, dtype=x.dtype)
         weight = (1 - torch.cos(math.pi * (self.alpha.to(x.dtype) - k).clamp(0, 1))) / 2  # (F,)
+        if self.decay != 1.0:
+            weight = weight * self.decay ** k
         angles = x[..., None] * self.freqs  # (N, 3, F)
         feats = [angles.sin() * weight, angles.cos() * weight]
         return torch.cat([x] + [rearrange(f, "n c f -> n (c f)") for f in feats], dim=-1)  # (N, 3 + 6F)
@@ -213,7 +224,7 @@ class NeRFField(nn.Module):
             self.encoding = HashGridEncoding(cfg.hash_levels, cfg.hash_features, cfg.hash_log2_size,
                                              cfg.hash_base_resolution, cfg.hash_max_resolution)
         else:
-            self.encoding = FrequencyEncoding(cfg.frequencies)
+            self.encoding = FrequencyEncoding(cfg.frequencies, cfg.frequency_decay)
         separate = cfg.albedo_network == "separate"
         # raw density + 3 albedo logits, or the density alone when albedo has its own MLP
         self.trunk = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 1 if separate else 4)

@@ -385,6 +385,19 @@ def test_frequency_annealing_opens_octaves_coarse_to_fine():
     assert "alpha" in enc.state_dict()  # a resumed or exported field keeps its octaves
 
 
+def test_frequency_decay_scales_octave_k_by_decay_to_the_k():
+    from dreamfusion.field import FrequencyEncoding
+
+    x = torch.rand(5, 3) * 2 - 1
+    plain, decayed = FrequencyEncoding(4)(x), FrequencyEncoding(4, decay=0.5)(x)
+    torch.testing.assert_close(decayed[:, :3], x)  # the raw coordinates are not an octave
+    scale = (plain[:, 3:] / decayed[:, 3:]).reshape(5, 2, 3, 4)  # (n, sin/cos, xyz, octave)
+    torch.testing.assert_close(scale, torch.tensor([1.0, 2.0, 4.0, 8.0]).expand(5, 2, 3, 4))
+    assert NeRFField(FieldConfig(frequency_decay=0.5)).encoding.decay == 0.5
+    with pytest.raises(UserError, match="frequency_decay"):
+        FieldConfig(frequency_decay=0.0).validate()
+
+
 def test_separate_albedo_network_leaves_density_to_the_trunk():
     torch.manual_seed(0)
     field = NeRFField(FieldConfig(albedo_network="separate"))

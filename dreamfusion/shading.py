@@ -18,7 +18,9 @@ The choices here follow threestudio's `diffuse-with-point-light-material` and `r
   * The light is threestudio's "dreamfusion" light strategy: direction = normalize(camera
     direction + light_jitter * N(0, I)), at distance r * |eye| with r ~ U(light_distance_range),
     so the lit side mostly faces the camera. (threestudio's distance range is absolute; ours is
-    in units of the camera's distance so it follows `distance_range`.)
+    in units of the camera's distance so it follows `distance_range`.) `light_offset` = (u, r)
+    moves the centre of that jitter to camera direction + u * up + r * right: (0.6, -0.4) lights
+    from above-left of the camera, as ToyWorld's renders are lit (`fixed_light`).
 
 For evaluation, `fixed_light` reproduces ToyWorld's key light (toyworld/render.py `_light_dirs`:
 above-left of the camera, far away, so effectively directional); shading it with ToyWorld's
@@ -55,6 +57,8 @@ class ShadingConfig:
     ambient_only_steps: int = option(500, "warm-up steps that render albedo only")
     light_distance_range: tuple[float, float] = option((0.8, 1.5), "light distance, in units of camera distance")
     light_jitter: float = option(0.3, "std of the light direction's jitter around the camera direction")
+    light_offset: tuple[float, float] = option(
+        (0.0, 0.0), "light direction = camera direction + up * u + right * r, for (u, r); ToyWorld's renders: (0.6, -0.4)")
 
     def validate(self) -> None:
         for name in ("albedo_prob", "textureless_prob"):
@@ -69,6 +73,8 @@ class ShadingConfig:
             raise UserError(f"light_distance_range must be [low, high] with 0 < low <= high, got {list(lo_hi)}")
         if self.light_jitter < 0:
             raise UserError(f"light_jitter must be >= 0, got {self.light_jitter}")
+        if len(self.light_offset) != 2:
+            raise UserError(f"light_offset must be [up, right], got {list(self.light_offset)}")
 
 
 @dataclass
@@ -99,7 +105,9 @@ def _sample_lights(cfg: ShadingConfig, cams: Cameras, generator: torch.Generator
     lo, hi = cfg.light_distance_range
     scale = lo + (hi - lo) * torch.rand(n, generator=generator, device=device).to(cams.eye)  # (B,)
     eye_dist = cams.eye.norm(dim=-1, keepdim=True)  # (B, 1)
-    direction = F.normalize(cams.eye / eye_dist + cfg.light_jitter * noise, dim=-1)
+    up, right = cfg.light_offset
+    toward = cams.eye / eye_dist + up * cams.up + right * cams.right  # (B, 3)
+    direction = F.normalize(toward + cfg.light_jitter * noise, dim=-1)
     return direction * eye_dist * scale[:, None]
 
 

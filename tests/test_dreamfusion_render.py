@@ -265,6 +265,15 @@ def test_fixed_light_is_toyworlds_key_light():
     assert (EVAL_AMBIENT, EVAL_DIFFUSE) == (AMBIENT, DIFFUSE)
 
 
+def test_light_offset_moves_the_training_light_to_toyworlds_key_light():
+    cams = sample_cameras(16, CameraConfig(), torch.Generator().manual_seed(0))
+    cfg = ShadingConfig(light_jitter=0.0, light_offset=(0.6, -0.4))
+    light = sample_shading(0, cfg, cams, torch.Generator().manual_seed(1)).light
+    torch.testing.assert_close(F.normalize(light, dim=-1), F.normalize(fixed_light(cams), dim=-1))
+    with pytest.raises(UserError, match="light_offset"):
+        ShadingConfig(light_offset=(0.6,)).validate()
+
+
 # ---------------------------------------------------------------- renderer choice and the nerfacc wiring
 
 def test_make_renderer_picks_batched_on_cpu_and_refuses_nerfacc_there():

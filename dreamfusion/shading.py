@@ -44,6 +44,7 @@ from .cameras import Cameras
 MODES = ("albedo", "lambertian", "textureless")
 EVAL_AMBIENT, EVAL_DIFFUSE = 0.4, 0.65  # toyworld.render.AMBIENT / DIFFUSE (a test holds them equal)
 FAR_LIGHT = 1e4  # world units: far enough that the point light acts as a directional light
+TOYWORLD_LIGHT_OFFSET = (0.6, -0.4)  # (up, right): ToyWorld's key light, above-left of the camera (render._light_dirs)
 
 
 @dataclass
@@ -58,7 +59,8 @@ class ShadingConfig:
     light_distance_range: tuple[float, float] = option((0.8, 1.5), "light distance, in units of camera distance")
     light_jitter: float = option(0.3, "std of the light direction's jitter around the camera direction")
     light_offset: tuple[float, float] = option(
-        (0.0, 0.0), "light direction = camera direction + up * u + right * r, for (u, r); ToyWorld's renders: (0.6, -0.4)")
+        (0.0, 0.0),
+        f"light direction = camera direction + up * u + right * r, for (u, r); ToyWorld's renders: {TOYWORLD_LIGHT_OFFSET}")
 
     def validate(self) -> None:
         for name in ("albedo_prob", "textureless_prob"):
@@ -113,7 +115,8 @@ def _sample_lights(cfg: ShadingConfig, cams: Cameras, generator: torch.Generator
 
 def fixed_light(cams: Cameras) -> Tensor:
     """ToyWorld's key light (B, 3): towards -forward + 0.6 up - 0.4 right, far away (directional)."""
-    direction = F.normalize(-cams.forward + 0.6 * cams.up - 0.4 * cams.right, dim=-1)
+    up, right = TOYWORLD_LIGHT_OFFSET
+    direction = F.normalize(-cams.forward + up * cams.up + right * cams.right, dim=-1)
     return direction * FAR_LIGHT
 
 

@@ -16,8 +16,8 @@ from dreamfusion.cameras import (CameraConfig, camera_rays, orbit_cameras, sampl
 from dreamfusion.field import Background, FieldConfig, NeRFField
 from dreamfusion.renderer import (BatchedRenderer, NerfaccRenderer, RenderConfig, make_renderer, ray_aabb,
                                   render_rays)
-from dreamfusion.shading import (EVAL_AMBIENT, EVAL_DIFFUSE, ShadingConfig, fixed_light, sample_shading,
-                                 shade)
+from dreamfusion.shading import (EVAL_AMBIENT, EVAL_DIFFUSE, TOYWORLD_LIGHT_OFFSET, ShadingConfig, fixed_light,
+                                 sample_shading, shade)
 from pipelines.config import build
 from pipelines.errors import UserError
 from tests.conftest import requires_cuda
@@ -267,7 +267,7 @@ def test_fixed_light_is_toyworlds_key_light():
 
 def test_light_offset_moves_the_training_light_to_toyworlds_key_light():
     cams = sample_cameras(16, CameraConfig(), torch.Generator().manual_seed(0))
-    cfg = ShadingConfig(light_jitter=0.0, light_offset=(0.6, -0.4))
+    cfg = ShadingConfig(light_jitter=0.0, light_offset=TOYWORLD_LIGHT_OFFSET)
     light = sample_shading(0, cfg, cams, torch.Generator().manual_seed(1)).light
     torch.testing.assert_close(F.normalize(light, dim=-1), F.normalize(fixed_light(cams), dim=-1))
     with pytest.raises(UserError, match="light_offset"):

@@ -69,6 +69,7 @@ def test_config_file_layer(tmp_path):
 def test_model_preset_carries_its_own_3d_recipe():
     """configs/models/sd15.yaml's `3d:` section applies after configs/3d.yaml (ToyWorld's) and before overrides."""
     from dreamfusion.config import ThreeDConfig
+    from dreamfusion.shading import TOYWORLD_LIGHT_OFFSET
     from pipelines import config
 
     toy = config.load(ThreeDConfig, "3d", [])
@@ -76,4 +77,6 @@ def test_model_preset_carries_its_own_3d_recipe():
     assert (toy.distance_range, toy.background, toy.encode_size) == ((3.2, 3.8), "fixed", None)
     assert (sd.steps, sd.encode_size, sd.guidance, sd.background, sd.encoding) == (10000, 512, 100.0, "mlp", "hashgrid")
     assert (toy.albedo_network, sd.albedo_network) == ("shared", "separate")
+    assert (toy.light_offset, sd.light_offset) == (TOYWORLD_LIGHT_OFFSET, (0.0, 0.0))  # ToyWorld's light; DreamFusion's
+    assert config.load(ThreeDConfig, "3d", ["model=sd21-base"]).light_offset == (0.0, 0.0)
     assert config.load(ThreeDConfig, "3d", ["model=sd15", "steps=7"]).steps == 7

@@ -107,16 +107,20 @@ def _sample_lights(cfg: ShadingConfig, cams: Cameras, generator: torch.Generator
     lo, hi = cfg.light_distance_range
     scale = lo + (hi - lo) * torch.rand(n, generator=generator, device=device).to(cams.eye)  # (B,)
     eye_dist = cams.eye.norm(dim=-1, keepdim=True)  # (B, 1)
-    up, right = cfg.light_offset
-    toward = cams.eye / eye_dist + up * cams.up + right * cams.right  # (B, 3)
+    toward = _offset(cams.eye / eye_dist, cams, cfg.light_offset)  # (B, 3)
     direction = F.normalize(toward + cfg.light_jitter * noise, dim=-1)
     return direction * eye_dist * scale[:, None]
 
 
+def _offset(toward: Tensor, cams: Cameras, offset: tuple[float, float]) -> Tensor:
+    """`toward` (B, 3) moved by (up, right) in each camera's frame: where a light above-left of it sits."""
+    up, right = offset
+    return toward + up * cams.up + right * cams.right
+
+
 def fixed_light(cams: Cameras) -> Tensor:
     """ToyWorld's key light (B, 3): towards -forward + 0.6 up - 0.4 right, far away (directional)."""
-    up, right = TOYWORLD_LIGHT_OFFSET
-    direction = F.normalize(-cams.forward + up * cams.up + right * cams.right, dim=-1)
+    direction = F.normalize(_offset(-cams.forward, cams, TOYWORLD_LIGHT_OFFSET), dim=-1)
     return direction * FAR_LIGHT
 
 

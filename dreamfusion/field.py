@@ -162,17 +162,23 @@ class HashGridEncoding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         unit = ((x + 1) / 2).clamp(0, 1)  # (N, 3) in [0, 1]^3
-        return torch.cat([self._level(unit, level, res) for level, res in enumerate(self.resolutions)], dim=-1)
+        weights, index = zip(*(self._level(unit, level, res) for level, res in enumerate(self.resolutions)))
+        # One lookup for all levels through F.embedding, whose CPU backward sums each row's gradients in a
+        # fixed order: indexing's (index_put_ with accumulate) does not with more than one thread, so a
+        # hash-grid fit would not repeat exactly, nor resume exactly.
+        feats = F.embedding(torch.stack(index, 1), self.tables.flatten(0, 1))  # (N, levels, 8, F)
+        return (torch.stack(weights, 1)[..., None] * feats).sum(2).flatten(1)  # (N, levels * F)
 
-    def _level(self, unit: Tensor, level: int, res: int) -> Tensor:
+    def _level(self, unit: Tensor, level: int, res: int) -> tuple[Tensor, Tensor]:
+        """Trilinear weights (N, 8) of a point's 8 cell corners at this level, and their rows (N, 8) in
+        the flattened tables."""
         pos = unit * res  # (N, 3) in grid units
         cell = pos.floor().long().clamp(0, res - 1)
         frac = pos - cell  # (N, 3)
         vertices = cell[:, None, :] + self.corners  # (N, 8, 3)
         # Trilinear weight of each corner: product over axes of frac or (1 - frac).
         weights = torch.where(self.corners.bool(), frac[:, None, :], 1 - frac[:, None, :]).prod(-1)  # (N, 8)
-        feats = self.tables[level][self._index(vertices, res)]  # (N, 8, F)
-        return (weights[..., None] * feats).sum(1)  # (N, F)
+        return weights, self._index(vertices, res) + level * self.table_size
 
     def _index(self, v: Tensor, res: int) -> Tensor:
         if (res + 1) ** 3 <= self.table_size:

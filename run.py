@@ -83,10 +83,16 @@ class Parser(argparse.ArgumentParser):
 
 
 def options_help(job: Job) -> str:
-    """Every option with its default as the job's preset sets it, and its one-line meaning."""
-    rows = config.describe(config.build(job.cls, config.preset(job.preset)))
+    """Every option with its default as a plain command gets it (the job's preset, then the default model's
+    own section of it), and its one-line meaning."""
+    defaults = config.job_defaults(job.cls, job.preset)
+    rows = config.describe(defaults)
     width = max(len(k) + len(d) for k, d, _ in rows) + 3
-    return "\n".join(f"  {f'{k}={d}':<{width}} {h}" for k, d, h in rows)
+    model = getattr(defaults, "model", None)
+    recipe = (f"  (defaults for model={model}, from the `{job.preset}:` section of configs/models/{model}.yaml over "
+              f"configs/{job.preset}.yaml; any other model starts from configs/{job.preset}.yaml)\n"
+              if model is not None and config.model_defaults(model, job.preset) else "")
+    return recipe + "\n".join(f"  {f'{k}={d}':<{width}} {h}" for k, d, h in rows)
 
 
 def jobs_help(name: str) -> str:

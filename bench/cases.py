@@ -240,8 +240,8 @@ def toyworld_video_case(size: str, device: str, model: Optional[str] = None, s: 
 def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
     """One step of `run.py 3d`'s objective (render the cameras, VAE encode, guided UNet, backward into the
     field) vs the same step written naively, as threestudio and ../shared/peers write it, on the same field,
-    cameras and renderer. `small`: the ToyWorld recipe (configs/3d.yaml); `full`: the SD-1.5 recipe (64 px
-    renders encoded at 512) on SD-1.5-sized random weights."""
+    cameras and renderer. `small`: the ToyWorld recipe (configs/models/toyworld.yaml); `full`: the published
+    SD recipe (configs/3d.yaml: 64 px renders encoded at 512) on SD-1.5-sized random weights."""
     import torch.nn.functional as F
     from einops import rearrange
 

@@ -25,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from pipelines.config import build, load_yaml, preset, to_dict
+from pipelines.config import build, job_defaults, load_yaml, to_dict
 from pipelines.errors import UserError
 from pipelines.image import to_pil
 from pipelines.prior import Conditioning, Prior
@@ -164,7 +164,7 @@ def resumed_config(cfg, saved: dict, run_dir: Path, job: str = STAGE):
     """The config to continue a run saved with `saved` (its config.yaml): the saved options, plus those
     given now that may change on resume (RESUME_FREE); any other given option that differs is an error."""
     cls = type(cfg)
-    defaults = to_dict(build(cls, preset(job)))
+    defaults = to_dict(job_defaults(cls, job))
     given = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k)}
     conflicts = [k for k, v in given.items() if k not in RESUME_FREE and v != saved.get(k)]
     if conflicts:

@@ -8,7 +8,7 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.config import build, load_yaml, preset, to_dict
+from pipelines.config import build, job_defaults, load_yaml, to_dict
 from pipelines.errors import UserError
 from pipelines.runtime import command_line, pick_device, write_yaml
 
@@ -26,7 +26,7 @@ def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
     saved = load_yaml(run_dir / "config.yaml")
     saved.pop("prompt", None), saved.pop("command", None)
     # the run's own export settings, except those this command sets
-    defaults = to_dict(build(ExportConfig, preset("export")))
+    defaults = to_dict(job_defaults(ExportConfig, "export"))
     chosen = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k) and k in ThreeDConfig.__dataclass_fields__}
     full = build(ThreeDConfig, {**saved, **chosen})
     full.validate()

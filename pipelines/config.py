@@ -170,18 +170,27 @@ def model_defaults(model: str, job: str) -> dict:
     return section or {}
 
 
-def load(cls: type, job: str, overrides: list[str], config_file: str | None = None):
-    """Dataclass defaults <- configs/<job>.yaml <- the model preset's `<job>:` section <- --config FILE
-    <- key=value overrides."""
-    user = load_yaml(config_file) if config_file else {}
-    user = merge(user, parse_overrides(overrides))
+def _layers(cls: type, job: str, user: dict) -> dict:
+    """Dataclass defaults <- configs/<job>.yaml <- the model preset's `<job>:` section <- `user`."""
     data = preset(job)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "model" in fields:
         default = fields["model"].default
         data = merge(data, model_defaults(str(user.get("model", data.get("model", default))), job))
-    data = merge(data, user)
-    cfg = build(cls, data)
+    return merge(data, user)
+
+
+def job_defaults(cls: type, job: str):
+    """The options a plain `run.py JOB` runs with (the default model's recipe included): what `--help`
+    shows, and what a resumed run compares the command's options against to see which ones it changed."""
+    return build(cls, _layers(cls, job, {}))
+
+
+def load(cls: type, job: str, overrides: list[str], config_file: str | None = None):
+    """Dataclass defaults <- configs/<job>.yaml <- the model preset's `<job>:` section <- --config FILE
+    <- key=value overrides."""
+    user = load_yaml(config_file) if config_file else {}
+    cfg = build(cls, _layers(cls, job, merge(user, parse_overrides(overrides))))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

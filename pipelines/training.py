@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from .config import build, load_yaml, option, preset, to_dict
+from .config import build, job_defaults, load_yaml, option, to_dict
 from .errors import UserError
 from .runtime import atomic_path, command_line, make_run_dir, write_json, write_yaml
 
@@ -67,7 +67,7 @@ def open_run(cls: type, preset_name: str, cfg, out: str | Path, name: str):
         raise UserError(f"resume={run_dir} is not a train run directory (no config.yaml)")
     saved = load_yaml(run_dir / "config.yaml")
     saved.pop("command", None)
-    defaults = to_dict(build(cls, preset(preset_name)))
+    defaults = to_dict(job_defaults(cls, preset_name))
     changed = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k) and k != "arch"}
     resumed = build(cls, {**saved, **changed})
     resumed.validate()

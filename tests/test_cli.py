@@ -177,6 +177,13 @@ def test_help_lists_every_option():
         assert key in proc.stdout and meaning in proc.stdout
 
 
+def test_3d_help_shows_toyworlds_recipe_and_says_whose_it_is():
+    from run import JOBS, options_help
+
+    text = options_help(JOBS["3d"][None])
+    assert "defaults for model=toyworld" in text and "steps=600 " in text and "guidance=30.0 " in text
+
+
 @pytest.mark.parametrize("prompt", ["../../etc/passwd", "a/b\\c", "x" * 500, "....", "日本語"])
 def test_slug_is_safe(prompt):
     slug = slugify(prompt)

@@ -66,17 +66,23 @@ def test_config_file_layer(tmp_path):
         load(ImageConfig, "image", [], config_file=str(f))
 
 
-def test_model_preset_carries_its_own_3d_recipe():
-    """configs/models/sd15.yaml's `3d:` section applies after configs/3d.yaml (ToyWorld's) and before overrides."""
+def test_toyworld_preset_carries_its_own_3d_recipe_and_every_real_prior_gets_the_published_one(tmp_path):
+    """configs/3d.yaml is the published SDS recipe: sd15, sd21-base, a local folder and a hub id all get it. The
+    ToyWorld preset's `3d:` section overrides every key of it, then --config and key=value override both."""
     from dreamfusion.config import ThreeDConfig
     from dreamfusion.shading import TOYWORLD_LIGHT_OFFSET
     from pipelines import config
 
     toy = config.load(ThreeDConfig, "3d", [])
     sd = config.load(ThreeDConfig, "3d", ["model=sd15"])
-    assert (toy.distance_range, toy.background, toy.encode_size) == ((3.2, 3.8), "fixed", None)
+    folder = config.load(ThreeDConfig, "3d", [f"model={tmp_path}"])  # any other model: a folder or hub id
+    assert (toy.distance_range, toy.background, toy.encode_size, toy.steps) == ((3.2, 3.8), "fixed", None, 600)
     assert (sd.steps, sd.encode_size, sd.guidance, sd.background, sd.encoding) == (10000, 512, 100.0, "mlp", "hashgrid")
     assert (toy.albedo_network, sd.albedo_network) == ("shared", "separate")
     assert (toy.light_offset, sd.light_offset) == (TOYWORLD_LIGHT_OFFSET, (0.0, 0.0))  # ToyWorld's light; DreamFusion's
-    assert config.load(ThreeDConfig, "3d", ["model=sd21-base"]).light_offset == (0.0, 0.0)
+    assert config.to_dict(folder) == {**config.to_dict(sd), "model": str(tmp_path)}
+    assert config.to_dict(config.load(ThreeDConfig, "3d", ["model=sd21-base"])) == {**config.to_dict(sd), "model": "sd21-base"}
+    sd_keys = set(config.preset("3d"))
+    assert sd_keys <= set(config.model_defaults("toyworld", "3d"))  # nothing of the SD recipe leaks into ToyWorld's
     assert config.load(ThreeDConfig, "3d", ["model=sd15", "steps=7"]).steps == 7
+    assert config.to_dict(config.job_defaults(ThreeDConfig, "3d")) == config.to_dict(toy)  # what --help shows

@@ -9,14 +9,23 @@ import trimesh
 from safetensors.torch import load_file
 
 import run
+from tests.tiny import toyworld_recipe
 from video.export import probe
 
 TINY = ["steps=4", "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=3",
-        "turntable_size=16", "val_every=2", "checkpoint_every=2", "guidance=10", "encode_size=16", "--quiet"]
+        "turntable_size=16", "val_every=2", "checkpoint_every=2", "guidance=10", "encode_size=16", "hash_levels=4",
+        "hash_log2_size=12", "hash_max_resolution=32", "--quiet"]
 
 
 def fit(tiny_sd, out, *extra, prompt="a red cube") -> int:
     return run.main(["3d", prompt, f"model={tiny_sd}", *TINY, *extra, "--out", str(out)])
+
+
+@pytest.fixture(params=["published", "toyworld"])
+def recipe(request, tmp_path) -> list[str]:
+    """A model folder gets the published SD recipe (configs/3d.yaml: hash grid, separate albedo MLP, MLP
+    background, camera jitter); `--config` can give it ToyWorld's (its preset's `3d:` section) instead."""
+    return [] if request.param == "published" else toyworld_recipe(tmp_path)
 
 
 def only_run(out: Path) -> Path:
@@ -24,8 +33,8 @@ def only_run(out: Path) -> Path:
     return d
 
 
-def test_3d_writes_loadable_meshes_and_turntables(tiny_sd, tmp_path):
-    assert fit(tiny_sd, tmp_path) == 0
+def test_3d_writes_loadable_meshes_and_turntables(tiny_sd, tmp_path, recipe):
+    assert fit(tiny_sd, tmp_path, *recipe) == 0
     d = only_run(tmp_path)
     for name in ("mesh.obj", "mesh.glb", "mesh.ply"):
         mesh = trimesh.load(d / name, force="mesh")
@@ -42,8 +51,8 @@ def test_3d_writes_loadable_meshes_and_turntables(tiny_sd, tmp_path):
     assert json.loads((d / "mesh.json").read_text())["automatic"] is True
 
 
-def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch):
-    assert fit(tiny_sd, tmp_path / "straight") == 0
+def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch, recipe):
+    assert fit(tiny_sd, tmp_path / "straight", *recipe) == 0
     straight = load_file(str(only_run(tmp_path / "straight") / "asset.safetensors"))
 
     from dreamfusion.fit import SDSObjective
@@ -56,7 +65,7 @@ def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch):
         return forward(self, step, progress, generator)
 
     monkeypatch.setattr(SDSObjective, "forward", interrupted)
-    assert fit(tiny_sd, tmp_path / "stopped") == 130  # Ctrl-C saves a checkpoint at step 2
+    assert fit(tiny_sd, tmp_path / "stopped", *recipe) == 130  # Ctrl-C saves a checkpoint at step 2
     d = only_run(tmp_path / "stopped")
     assert json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())["step"] == 2
     monkeypatch.setattr(SDSObjective, "forward", forward)
@@ -136,6 +145,6 @@ def test_resume_and_export_bad_directories(tiny_sd, tmp_path, capsys):
     d = only_run(tmp_path / "ok")
     assert "was made with guidance=10" in error("3d", "--resume", str(d), "guidance=20")
     # weights of another field layout than the config says (a run made before an option's default changed)
-    config = d / "config.yaml"
-    config.write_text(config.read_text().replace("albedo_network: shared", "albedo_network: separate"))
+    saved = d / "config.yaml"
+    saved.write_text(saved.read_text().replace("albedo_network: separate", "albedo_network: shared"))
     assert "does not fit its config's field options" in error("export", str(d))

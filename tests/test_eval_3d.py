@@ -14,6 +14,7 @@ from dreamfusion.fit import turntable_cameras
 from toyworld.evaluate_3d import RECORD_FILES, Eval3DConfig, ground_truth_views, judge_hits, true_views, volumetric_iou
 from toyworld.judge import load_judge
 from toyworld.render import SDFS
+from tests.tiny import toyworld_recipe
 
 
 def primitive_mesh(shape: str, scale=1.0, shift=(0.0, 0.0, 0.0), yaw_deg=0.0, resolution=48) -> trimesh.Trimesh:
@@ -31,8 +32,8 @@ def primitive_mesh(shape: str, scale=1.0, shift=(0.0, 0.0, 0.0), yaw_deg=0.0, re
 
 
 def tiny(tiny_sd) -> list[str]:
-    """One red cube, fitted and scored at toy sizes by the tiny random prior."""
-    return [f"model={tiny_sd}", "colors=[red]", "shapes=[cube]", "steps=2", "resolution=16", "batch_size=1",
+    """One red cube, fitted with ToyWorld's recipe and scored at toy sizes by the tiny random prior."""
+    return [f"model={tiny_sd}", *toyworld_recipe(tiny_sd.parent), "colors=[red]", "shapes=[cube]", "steps=2", "resolution=16", "batch_size=1",
             "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2", "turntable_size=16", "encode_size=16",
             "val_every=0", "iou_resolution=16"]
 

@@ -67,3 +67,14 @@ def save_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, sa
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path, safe_serialization=safe)
     return path
+
+
+def toyworld_recipe(folder: Path) -> list[str]:
+    """`--config FILE` that gives a tiny model folder ToyWorld's 3d recipe (the `3d:` section of its preset,
+    configs/models/toyworld.yaml) instead of the published SD recipe that a model folder gets."""
+    from pipelines import config
+    from pipelines.runtime import write_yaml
+
+    path = Path(folder) / "toyworld-3d.yaml"
+    write_yaml(path, config.model_defaults("toyworld", "3d"))
+    return ["--config", str(path)]

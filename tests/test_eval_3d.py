@@ -94,6 +94,8 @@ def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tm
     assert not list(record.rglob("mesh.*")) and not list(record.rglob("*.safetensors"))
     assert run.main(["eval", "3d", "--resume", str(record), "--quiet"]) == 0
     assert json.loads((record / "report.json").read_text())["assets"] == report["assets"]
+    timings = json.loads((d / "metadata.json").read_text())["timings_s"]
+    assert timings["fit"] > 0 and json.loads((record / "metadata.json").read_text())["timings_s"] == timings  # kept
     assert not list(record.rglob("mesh.*"))  # nothing was fitted again
 
     assert run.main(["eval", "3d", "--resume", str(d), "seeds=3", "--quiet"]) == 2

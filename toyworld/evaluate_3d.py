@@ -260,6 +260,8 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
     device = pick_device(cfg.device)
     judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
     timer = Timer()
+    if eval_dir is not None and (eval_dir / "metadata.json").is_file():  # a finished eval, reloaded: its time adds up
+        timer.stages = dict(json.loads((eval_dir / "metadata.json").read_text())["timings_s"])
     earlier, planned = {}, len(cfg.grid()) * cfg.seeds
     if eval_dir is None:
         eval_dir = make_run_dir(out, "eval", "3d")

@@ -73,8 +73,15 @@ def test_unknown_words_warn_but_do_not_fail(caplog):
     assert "'panda'" in caplog.text and "'swing'" in caplog.text and "'red'" not in caplog.text.split("It knows")[0]
     assert "It knows: " in caplog.text and "model=sd15" in caplog.text
     caplog.clear()
-    prior.encode_prompt(["a red cube, side view"])
+    prior.encode_prompt(["a red cube, side view", "An orange cube"])
     assert "does not know" not in caplog.text
+
+
+def test_an_reads_as_a_in_the_shipped_tokenizer_and_in_a_fresh_one():
+    """The captions only say "a"; "an orange cube" gets exactly the ids of "a orange cube", not <unk>."""
+    for tok in (Prior.from_pretrained("toyworld").tokenizer, build_tokenizer()):
+        assert tok("An orange cube").input_ids == tok("a orange cube").input_ids
+        assert tok("a banana").input_ids[2] == tok.unk_token_id  # whole words only
 
 
 def test_default_model_is_toyworld(tmp_path):

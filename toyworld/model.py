@@ -38,14 +38,15 @@ class Architecture:
 
 
 def build_tokenizer(max_tokens: int = 16):
-    """Word-level tokenizer over VOCAB: lowercases, splits words and punctuation, `<unk>` for the rest."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    """Word-level tokenizer over VOCAB: lowercases, reads "an" as "a" (the captions only say "a"), splits words
+    and punctuation, `<unk>` for the rest."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + tuple(VOCAB))}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(Regex(r"\ban\b"), "a")])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])

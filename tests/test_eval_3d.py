@@ -124,6 +124,13 @@ def test_a_stopped_eval_3d_keeps_the_report_of_the_assets_done(tiny_sd, tmp_path
     assert "Unfinished: 1 of 2 assets" in (d / "report.md").read_text()
     assert not (d / "metadata.json").exists()  # the eval itself is not marked done
 
+    monkeypatch.undo()
+    assert run.main(["eval", "3d", "--resume", str(d), "--quiet"]) == 0
+    timings = json.loads((d / "metadata.json").read_text())["timings_s"]
+    second = json.loads((d / "report.json").read_text())["assets"][1]["run"]
+    this_pass = sum(json.loads((d / "3d" / second / "metadata.json").read_text())["timings_s"].values())
+    assert timings["fit"] > report["timings_s"]["fit"] + this_pass  # the stopped pass's time is counted too
+
 
 def test_the_view_check_cameras_are_balanced_and_off_the_thresholds():
     """36 azimuths every 10 degrees: 9 front, 18 side, 9 back, none on a 45-degree threshold, so answering

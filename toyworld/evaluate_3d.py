@@ -260,8 +260,10 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
     device = pick_device(cfg.device)
     judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
     timer = Timer()
-    if eval_dir is not None and (eval_dir / "metadata.json").is_file():  # a finished eval, reloaded: its time adds up
-        timer.stages = dict(json.loads((eval_dir / "metadata.json").read_text())["timings_s"])
+    if eval_dir is not None:  # time adds up over passes: a finished eval's metadata, else the report so far
+        records = [json.loads((eval_dir / name).read_text()) for name in ("metadata.json", "report.json")
+                   if (eval_dir / name).is_file()]
+        timer.stages = dict(next((r["timings_s"] for r in records if "timings_s" in r), {}))
     earlier, planned = {}, len(cfg.grid()) * cfg.seeds
     if eval_dir is None:
         eval_dir = make_run_dir(out, "eval", "3d")
@@ -291,7 +293,7 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
             logger.info("%s (seed %d): IoU %.3f", prompt, cfg.seed + k, scored["iou"])
             # after every asset: a stopped eval (hours on a CPU) still leaves the numbers so far
             report = {"summary": summarise(rows), "assets": rows, "planned": planned, "judge": cfg.judge,
-                      "judge_metrics": judge.metrics}
+                      "judge_metrics": judge.metrics, "timings_s": timer.stages}
             write_json(eval_dir / "report.json", report)
             write_text(eval_dir / "report.md", markdown(report))
     sheet = rearrange(torch.stack(strips), "a v c h w -> c (a h) (v w)")  # one row per asset: NeRF over mesh

@@ -34,8 +34,8 @@ def primitive_mesh(shape: str, scale=1.0, shift=(0.0, 0.0, 0.0), yaw_deg=0.0, re
 def tiny(tiny_sd) -> list[str]:
     """One red cube, fitted with ToyWorld's recipe and scored at toy sizes by the tiny random prior."""
     return [f"model={tiny_sd}", *toyworld_recipe(tiny_sd.parent), "colors=[red]", "shapes=[cube]", "steps=2",
-            "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2", "turntable_size=16", "encode_size=16",
-            "val_every=0", "iou_resolution=16"]
+            "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
+            "turntable_size=16", "encode_size=16", "val_every=0", "iou_resolution=16"]
 
 
 def test_iou_is_one_for_the_primitive_itself_after_moving_scaling_and_turning():

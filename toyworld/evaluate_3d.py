@@ -261,8 +261,8 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
     judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
     timer = Timer()
     if eval_dir is not None:  # time adds up over passes: a finished eval's metadata, else the report so far
-        records = [json.loads((eval_dir / name).read_text()) for name in ("metadata.json", "report.json")
-                   if (eval_dir / name).is_file()]
+        records = (json.loads((eval_dir / name).read_text()) for name in ("metadata.json", "report.json")
+                   if (eval_dir / name).is_file())  # lazily: the report (large) only when no metadata has them
         timer.stages = dict(next((r["timings_s"] for r in records if "timings_s" in r), {}))
     earlier, planned = {}, len(cfg.grid()) * cfg.seeds
     if eval_dir is None:

@@ -31,7 +31,7 @@ from pipelines.image import to_pil
 from pipelines.prior import Conditioning, Prior
 from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, save_image, versions,
                                write_json, write_yaml)
-from pipelines.training import Stage, checkpoint_step, mixed_precision, run_stage, step_generator
+from pipelines.training import Stage, checkpoint_seconds, checkpoint_step, mixed_precision, run_stage, step_generator
 
 from .cameras import VIEWS, Cameras, camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
 from .config import ExportOptions, ThreeDConfig
@@ -216,6 +216,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     log_file = run_dir / "losses.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else []
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    timer.stages["fit"] = checkpoint_seconds(run_dir, STAGE)  # a resumed fit counts its earlier sessions too
     with timer("fit"):
         done = run_stage(accel, Stage(STAGE, cfg.steps, cfg.lr, deadline), objective, list(asset.parameters()),
                          batch, cfg, run_dir, checkpoint_step(run_dir, STAGE), progress=progress, log=log,

@@ -105,6 +105,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
     if ema is not None:
         accel.register_for_checkpointing(ema)
     ckpt = run_dir / "checkpoints" / stage.name
+    earlier = checkpoint_seconds(run_dir, stage.name) if start > 0 else 0.0  # this stage's time in earlier sessions
     if start > 0:
         accel.load_state(str(ckpt))
         if ema is not None:
@@ -125,7 +126,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
                 _check_finite(float(loss.detach()), stage, step, ckpt, params)
-                save_checkpoint(accel, ckpt, stage.name, done)
+                save_checkpoint(accel, ckpt, stage.name, done, earlier + time.monotonic() - began)
             if after_step is not None:
                 after_step(step)
             if time.monotonic() > stage.deadline and done < stage.steps:
@@ -133,7 +134,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
                 return done
     except KeyboardInterrupt:
         if done > start and all(torch.isfinite(p).all() for p in params):
-            save_checkpoint(accel, ckpt, stage.name, done)
+            save_checkpoint(accel, ckpt, stage.name, done, earlier + time.monotonic() - began)
             logger.warning("interrupted: checkpoint at step %d saved in %s (resume to continue)", done, ckpt)
         raise
     return max(start, step + 1) if stage.steps > start else start
@@ -166,16 +167,26 @@ def _check_finite(value: float, stage: Stage, step: int, ckpt: Path, params=None
         raise UserError(f"{stage.name}: {what} at step {step}; {kept}. Lower the learning rate and resume")
 
 
-def save_checkpoint(accel, folder: Path, stage: str, step: int) -> None:
+def save_checkpoint(accel, folder: Path, stage: str, step: int, seconds: float) -> None:
+    """Accelerate's state, plus progress.json: the steps done and the stage's wall time so far, over all sessions."""
     accel.wait_for_everyone()
     accel.save_state(str(folder))
     if accel.is_main_process:
-        write_json(folder / "progress.json", {"stage": stage, "step": step})
+        write_json(folder / "progress.json", {"stage": stage, "step": step, "seconds": round(seconds, 2)})
+
+
+def _progress(run_dir: Path, stage: str) -> dict:
+    f = run_dir / "checkpoints" / stage / "progress.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def checkpoint_step(run_dir: Path, stage: str) -> int:
-    f = run_dir / "checkpoints" / stage / "progress.json"
-    return json.loads(f.read_text())["step"] if f.is_file() else 0
+    return _progress(run_dir, stage).get("step", 0)
+
+
+def checkpoint_seconds(run_dir: Path, stage: str) -> float:
+    """Wall time the stage had spent when its last checkpoint was saved (0 without one, or from before it was kept)."""
+    return _progress(run_dir, stage).get("seconds", 0.0)
 
 
 

@@ -67,9 +67,14 @@ def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch, recipe):
     monkeypatch.setattr(SDSObjective, "forward", interrupted)
     assert fit(tiny_sd, tmp_path / "stopped", *recipe) == 130  # Ctrl-C saves a checkpoint at step 2
     d = only_run(tmp_path / "stopped")
-    assert json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())["step"] == 2
+    stopped = json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())
+    assert stopped["step"] == 2 and stopped["seconds"] > 0
     monkeypatch.setattr(SDSObjective, "forward", forward)
     assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
+    # the metadata's fit time counts the stopped session as well as the resumed one
+    fit_seconds = json.loads((d / "metadata.json").read_text())["timings_s"]["fit"]
+    assert fit_seconds > stopped["seconds"]
+    assert json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())["seconds"] >= stopped["seconds"]
     resumed = load_file(str(d / "asset.safetensors"))
     assert straight.keys() == resumed.keys()
     for k in straight:

@@ -164,7 +164,7 @@ def extract_mesh(grid: Tensor, bound: float, level: float, albedo_fn: Callable[[
     The grid is padded by one voxel of its minimum, so surfaces cut by the box are closed (the mesh is
     watertight wherever the level set is). Faces are wound so normals point out of the dense region.
     Cleanup keeps the `keep_components` largest connected pieces (by area; 0 keeps all), drops
-    degenerate and duplicate faces and unreferenced vertices, and merges vertices. With `albedo_fn`
+    collapsed and duplicate faces and unreferenced vertices, and merges vertices. With `albedo_fn`
     (vertices (V, 3) on `device` -> (V, 3) in [0, 1]) the mesh gets uint8 RGBA vertex colours.
     """
     from skimage.measure import marching_cubes
@@ -195,7 +195,10 @@ def extract_mesh(grid: Tensor, bound: float, level: float, albedo_fn: Callable[[
 
 def _clean(mesh: trimesh.Trimesh, keep_components: int) -> trimesh.Trimesh:
     mesh.merge_vertices()
-    mesh.update_faces(mesh.nondegenerate_faces())
+    # Only collapsed faces (a vertex repeated, as merging leaves them) go. A zero-area face with three
+    # distinct vertices stays: marching cubes makes such slivers, and dropping one opens a hole in the mesh.
+    faces = mesh.faces
+    mesh.update_faces((faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2]))
     mesh.update_faces(mesh.unique_faces())
     if keep_components > 0 and len(mesh.faces):
         labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))

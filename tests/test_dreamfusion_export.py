@@ -82,6 +82,23 @@ def test_cleanup_keeps_the_largest_components():
     assert extract_mesh(grid, 1.0, PEAK / 2, keep_components=0).body_count == 2  # 0 keeps them all
 
 
+def test_cleanup_keeps_zero_area_slivers_and_drops_collapsed_faces():
+    """Marching cubes can leave a zero-area face with three distinct vertices in a closed surface (it happened
+    on a fitted sphere): dropping it opened a hole. A collapsed face (a vertex repeated) is what goes."""
+    from dreamfusion.export import _clean
+
+    sphere = trimesh.creation.icosphere(subdivisions=1)
+    faces, verts = sphere.faces.tolist(), sphere.vertices.tolist()
+    a, b, d = faces.pop()  # split this face's edge a-b at its midpoint m, closing the split with the sliver (a, b, m)
+    m = len(verts)
+    verts.append(((np.array(verts[a]) + np.array(verts[b])) / 2).tolist())
+    faces += [[a, m, d], [m, b, d], [a, b, m], [d, d, a]]  # ... and one collapsed face
+    mesh = trimesh.Trimesh(verts, faces, process=False)
+    assert mesh.area_faces[-2] < 1e-12 and not mesh.is_watertight  # the collapsed face spoils the edges
+    cleaned = _clean(mesh, keep_components=1)
+    assert len(cleaned.faces) == len(faces) - 1 and cleaned.is_watertight and cleaned.euler_number == 2
+
+
 @pytest.mark.parametrize("level, hint", [(PEAK * 2, "lower iso_level="), (-1.0, "raise iso_level=")])
 def test_empty_level_set_raises_and_writes_nothing(tmp_path, level, hint):
     with pytest.raises(UserError, match=hint) as info:

@@ -62,6 +62,8 @@ class FieldConfig:
                                            "same encoding (separate: threestudio's feature network; holds small marks)")
     blob_density: float = option(10.0, "Magic3D density blob: peak added to the raw density at the centre")
     blob_radius: float = option(0.5, "Magic3D density blob: radius where the added density crosses 0")
+    blob_fade: float = option(0.0, "fade the blob's positive centre to 0 over this fraction of the steps (its negative "
+                                   "outside stays), so a hole can open through the centre; 0 keeps the blob whole")
     density_activation: str = option("softplus", "softplus, or exp (truncated exp with clamped gradient)")
     normals: str = option("autograd", "normals from the density gradient: autograd (exact) or finite_difference")
     normal_eps: float = option(0.01, "finite_difference normals: stencil size in world units")
@@ -94,6 +96,8 @@ class FieldConfig:
                             f"got {self.hash_base_resolution} and {self.hash_max_resolution}")
         if self.blob_density < 0 or not self.blob_radius > 0:
             raise UserError(f"blob_density must be >= 0 and blob_radius > 0, got {self.blob_density}, {self.blob_radius}")
+        if not 0 <= self.blob_fade <= 1:
+            raise UserError(f"blob_fade must be a fraction of the steps in [0, 1], got {self.blob_fade}")
         if not 0 <= self.background_color <= 1:
             raise UserError(f"background_color must be in [0, 1], got {self.background_color}")
 
@@ -235,6 +239,7 @@ class NeRFField(nn.Module):
         # raw density + 3 albedo logits, or the density alone when albedo has its own MLP
         self.trunk = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 1 if separate else 4)
         self.albedo = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 3) if separate else None
+        self.register_buffer("blob_scale", torch.tensor(1.0))  # the blob's centre, faded by `anneal` (blob_fade)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Points (N, 3) -> density (N,) >= 0 and albedo (N, 3) in [0, 1]."""
@@ -255,10 +260,13 @@ class NeRFField(nn.Module):
         return torch.where(inside, density, torch.zeros_like(density))
 
     def anneal(self, progress: float) -> None:
-        """The coarse-to-fine schedule at `progress` (0..1) of the fit: the frequency encoding's octaves
-        open over the first `frequency_anneal` of it; nothing to do for a hash grid or with it off."""
+        """The schedules at `progress` (0..1) of the fit: the frequency encoding's octaves open over the first
+        `frequency_anneal` of it (nothing to do for a hash grid or with it off), and the blob's centre fades
+        out over the first `blob_fade`."""
         if self.cfg.frequency_anneal > 0 and isinstance(self.encoding, FrequencyEncoding):
             self.encoding.anneal(progress / self.cfg.frequency_anneal)
+        if self.cfg.blob_fade > 0:
+            self.blob_scale.fill_(max(0.0, 1 - progress / self.cfg.blob_fade))
 
     def normals(self, x: Tensor, create_graph: bool = False) -> Tensor:
         """Unit normals (N, 3) = -normalize(d density / dx) (DreamFusion sec. 3.1).
@@ -281,8 +289,9 @@ class NeRFField(nn.Module):
         return -F.normalize(grad, dim=-1)
 
     def _blob(self, x: Tensor) -> Tensor:
-        """Magic3D's density blob: positive inside blob_radius, increasingly negative outside."""
-        return self.cfg.blob_density * (1 - x.norm(dim=-1) / self.cfg.blob_radius)
+        """Magic3D's density blob: positive inside blob_radius (scaled by blob_scale), increasingly negative outside."""
+        blob = self.cfg.blob_density * (1 - x.norm(dim=-1) / self.cfg.blob_radius)
+        return blob.clamp(max=0) + self.blob_scale * blob.clamp(min=0)
 
 
 # ---------------------------------------------------------------- background

@@ -282,7 +282,7 @@ def save_asset(asset: Asset, path: Path) -> None:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in asset.state_dict().items()}, str(tmp))
 
 
-OPTIONAL_STATE = ("field.encoding.alpha",)  # buffers older runs may lack
+OPTIONAL_STATE = ("field.encoding.alpha", "field.blob_scale")  # buffers older runs may lack
 
 
 def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:

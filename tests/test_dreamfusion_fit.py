@@ -94,10 +94,19 @@ def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
     [e2] = [p for p in d.iterdir() if p.name.startswith("export-") and p != e]
     assert json.loads((e2 / "mesh.json").read_text())["mesh_resolution"] == 24
     assert probe(e2 / "turntable.mp4")["frames"] == 3 and (e2 / "mesh.glb").is_file()
+    # a run made before the buffers in OPTIONAL_STATE existed still exports (they keep their defaults)
+    from safetensors.torch import load_file, save_file
+
+    from dreamfusion.fit import OPTIONAL_STATE
+
+    state = load_file(str(d / "asset.safetensors"))
+    save_file({k: v for k, v in state.items() if k not in OPTIONAL_STATE}, str(d / "asset.safetensors"))
+    assert len(state) > len(load_file(str(d / "asset.safetensors")))
+    assert run.main(["export", str(d), "formats=[ply]", "--quiet"]) == 0
     # an iso-level above every density: a clear error, and no half-written export folder
     assert run.main(["export", str(d), "iso_level=1e9", "--quiet"]) == 2
     assert "no surface at iso-level" in capsys.readouterr().err
-    assert len([p for p in d.iterdir() if "export-" in p.name]) == 2
+    assert len([p for p in d.iterdir() if "export-" in p.name]) == 3
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeypatch, capsys):

@@ -137,6 +137,27 @@ def test_blob_is_dense_at_the_centre_and_empty_outside_the_cube(encoding):
     assert density[0] > 5 and density[0] > 100 * density[1] and density[2] == 0
 
 
+def test_blob_fade_takes_out_the_centre_and_keeps_the_outside_negative():
+    torch.manual_seed(0)
+    cfg = FieldConfig(blob_density=10.0, blob_radius=0.5, blob_fade=0.2)
+    faded, whole = NeRFField(cfg), NeRFField(FieldConfig(blob_density=10.0, blob_radius=0.5))
+    whole.load_state_dict(faded.state_dict())
+    x = torch.tensor([[0.0, 0, 0], [0.25, 0, 0], [1.0, 0, 0]])  # centre (+10), half radius (+5), outside (-10)
+    raw = faded.trunk(faded.encoding(x / cfg.bound))[:, 0]
+    softplus = lambda blob: F.softplus(raw + torch.tensor(blob))
+    with torch.no_grad():
+        torch.testing.assert_close(faded.query_density(x), whole.query_density(x))  # at the start: the whole blob
+        faded.anneal(0.1)  # half way through the fade
+        torch.testing.assert_close(faded.query_density(x), softplus([5.0, 2.5, -10.0]))
+        faded.anneal(0.5)  # past it: only the negative outside is left
+        torch.testing.assert_close(faded.query_density(x), softplus([0.0, 0.0, -10.0]))
+        whole.anneal(0.5)
+        torch.testing.assert_close(whole.query_density(x), softplus([10.0, 5.0, -10.0]))
+    assert faded.state_dict()["blob_scale"] == 0  # an exported or resumed field keeps the fade
+    with pytest.raises(UserError, match="blob_fade"):
+        FieldConfig(blob_fade=1.5).validate()
+
+
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
 def test_normals_on_the_blob_point_outward(encoding):
     torch.manual_seed(0)

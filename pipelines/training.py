@@ -189,8 +189,6 @@ def checkpoint_seconds(run_dir: Path, stage: str) -> float:
     return _progress(run_dir, stage).get("seconds", 0.0)
 
 
-
-
 def plot_losses(path: str | Path, log: list[dict], width: int = 640, height: int = 360) -> Path:
     """A loss-curve PNG (log10 loss against step, one colour per stage), drawn with PIL."""
     from PIL import Image, ImageDraw

@@ -22,7 +22,6 @@ from .renderer import RenderConfig
 from .shading import ShadingConfig
 
 
-
 @dataclass
 class ExportOptions:
     mesh_resolution: int = option(128, "marching-cubes grid resolution per side")
@@ -54,6 +53,10 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
     resolution: int = option(64, "render resolution in pixels (renders are resized to encode_size for the VAE)")
     lr: float = option(1e-2, "Adam learning rate of the field and background (cosine decay to 10%)")
     warmup_steps: int = option(50, "linear learning-rate warm-up steps")
+    refine_steps: int = option(0, "then this many steps that train only the albedo grid (albedo_grid=N), the geometry "
+                                  "frozen: an appearance stage that paints small marks on the settled surface")
+    refine_lr: float = option(0.03, "Adam learning rate of the refine stage (cosine decay to 10%)")
+    refine_t_max: float = option(0.5, "largest diffusion time of the refine stage (detail is drawn at low noise)")
     orient_weight: float = option(1e-2, "orientation loss weight (DreamFusion: normals must not face away from the camera)")
     orient_ramp: int = option(500, "steps over which the orientation weight ramps up from 0")
     opacity_weight: float = option(0.0, "sparsity: weight of the mean rendered opacity")
@@ -79,6 +82,12 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
             raise UserError("val_every, orient_ramp and warmup_steps must be >= 0")
         if min(self.orient_weight, self.opacity_weight, self.entropy_weight) < 0 or not self.lr > 0:
             raise UserError("loss weights must be >= 0 and lr > 0")
+        if self.refine_steps < 0 or not self.refine_lr > 0:
+            raise UserError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
+        if not self.t_min < self.refine_t_max <= 1:
+            raise UserError(f"refine_t_max must be in (t_min, 1], got {self.refine_t_max}")
+        if self.refine_steps and not self.albedo_grid:
+            raise UserError("refine_steps trains the albedo grid alone: give it one too, e.g. albedo_grid=32")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
 

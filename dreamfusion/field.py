@@ -16,6 +16,9 @@ axis-aligned ripples into the colour, so the ToyWorld recipe keeps it shared.
     `blob_density * (1 - |x| / blob_radius)`), so the optimisation starts from a ball at the
     centre instead of empty space or fog; then softplus, or Instant-NGP's truncated exp.
   * Everything outside the cube [-bound, bound]^3 has density 0.
+  * `albedo_grid=N` adds a dense N^3 grid of albedo logits (trilinear, as DVGO's and Plenoxels' colour
+    grids) to the network's. It starts at zero and only the refine stage trains it (dreamfusion.fit):
+    each cell is free, so it paints a small local mark without the network's smoothness or ripples.
 
 `Background` is what rays see when they leave the cube: DreamFusion's environment MLP over the
 ray direction, a fixed grey, or a random solid colour in training (threestudio's `random_aug`).
@@ -60,6 +63,8 @@ class FieldConfig:
     layers: int = option(2, "hidden layers of the trunk MLP")
     albedo_network: str = option("shared", "albedo from the density trunk (shared), or from an MLP of its own on the "
                                            "same encoding (separate: threestudio's feature network; holds small marks)")
+    albedo_grid: int = option(0, "cells per side of a dense grid of albedo logits added to the network's (trilinear, "
+                                 "zero at the start; trained by the refine stage): it holds small marks; 0: none")
     blob_density: float = option(10.0, "Magic3D density blob: peak added to the raw density at the centre")
     blob_radius: float = option(0.5, "Magic3D density blob: radius where the added density crosses 0")
     blob_fade: float = option(0.0, "fade the blob's positive centre to 0 over this fraction of the steps (its negative "
@@ -94,6 +99,8 @@ class FieldConfig:
         if not 2 <= self.hash_base_resolution <= self.hash_max_resolution:
             raise UserError("hash resolutions must satisfy 2 <= hash_base_resolution <= hash_max_resolution, "
                             f"got {self.hash_base_resolution} and {self.hash_max_resolution}")
+        if self.albedo_grid != 0 and not 2 <= self.albedo_grid <= 256:
+            raise UserError(f"albedo_grid must be 0 (none) or 2-256 cells per side, got {self.albedo_grid}")
         if self.blob_density < 0 or not self.blob_radius > 0:
             raise UserError(f"blob_density must be >= 0 and blob_radius > 0, got {self.blob_density}, {self.blob_radius}")
         if not 0 <= self.blob_fade <= 1:
@@ -240,13 +247,25 @@ class NeRFField(nn.Module):
         self.trunk = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 1 if separate else 4)
         self.albedo = mlp(self.encoding.out_dim, cfg.hidden, cfg.layers, 3) if separate else None
         self.register_buffer("blob_scale", torch.tensor(1.0))  # the blob's centre, faded by `anneal` (blob_fade)
+        n = cfg.albedo_grid
+        # logits on an n^3 lattice spanning the cube, indexed [x, y, z]; zero adds nothing
+        self.albedo_grid = nn.Parameter(torch.zeros(1, 3, n, n, n)) if n else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Points (N, 3) -> density (N,) >= 0 and albedo (N, 3) in [0, 1]."""
         feats = self.encoding(x / self.cfg.bound)
         out = self.trunk(feats)  # (N, 4), or (N, 1) with a separate albedo MLP
         albedo_logits = out[:, 1:] if self.albedo is None else self.albedo(feats)
+        if self.albedo_grid is not None:
+            albedo_logits = albedo_logits + self._grid_logits(x)
         return self._density(x, out[:, 0]), torch.sigmoid(albedo_logits)
+
+    def _grid_logits(self, x: Tensor) -> Tensor:
+        """The albedo grid's logits (N, 3) at points (N, 3), trilinear. grid_sample reads its coordinates as
+        (W, H, D) indices, so they are flipped to (z, y, x) to index the [x, y, z] lattice."""
+        coords = (x / self.cfg.bound).flip(-1).view(1, -1, 1, 1, 3).to(self.albedo_grid.dtype)
+        sampled = F.grid_sample(self.albedo_grid, coords, mode="bilinear", align_corners=True)  # (1, 3, N, 1, 1)
+        return rearrange(sampled, "1 c n 1 1 -> n c").to(x.dtype)
 
     def query_density(self, x: Tensor) -> Tensor:
         """Points (N, 3) -> density (N,) >= 0 (a separate albedo MLP is not run)."""

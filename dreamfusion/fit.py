@@ -10,6 +10,11 @@ This module wires them into an objective, trains it with the same loop as every 
 (`pipelines.training.run_stage`: Adam, warm-up and cosine schedule, checkpoints, resume, a time budget),
 and hands the field to `dreamfusion.export` for the mesh and the turntables.
 
+With `refine_steps` an appearance stage follows, as Magic3D and Fantasia3D split geometry from appearance:
+the geometry is frozen and only the field's albedo grid (`albedo_grid`) is trained, by the same SDS at
+lower noise (`refine_t_max`). Small marks that the geometry fit never paints (ToyWorld's front marker,
+while the surface is still moving) are drawn on the settled surface.
+
 Every random draw of step k comes from a generator seeded by (seed, k), so `--resume RUN_DIR`
 continues exactly where the run stopped.
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,7 +47,7 @@ from .renderer import make_renderer
 from .shading import fixed_light, sample_shading, shade
 
 logger = logging.getLogger(__name__)
-STAGE = "3d"
+STAGE, REFINE = "3d", "refine"  # checkpoint folders of the geometry fit and of the appearance stage after it
 WEIGHTS_NAME = "asset.safetensors"
 # Options that may differ when resuming: they change what is written, not the optimisation.
 RESUME_FREE = {f for f in ExportOptions.__dataclass_fields__} | {
@@ -207,27 +213,48 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     def batch(step: int) -> dict:
         return {"step": step, "progress": step / cfg.steps, "generator": step_generator(cfg.seed, STAGE, step, 0)}
 
-    def after_step(step: int) -> None:
-        renderer.update(step, asset.field)
-        if cfg.val_every and (step + 1) % cfg.val_every == 0:
-            views = render_views(asset, renderer, val_cams, cfg.resolution, cfg)
-            save_image(run_dir / "val" / f"step_{step + 1:06d}.png", to_pil(rearrange(views, "b c h w -> 1 c h (b w)"))[0])
+    def refine_batch(step: int) -> dict:  # after the geometry's last step: past the warm-up, schedules at their ends
+        return {"step": cfg.steps + step, "progress": 1.0, "generator": step_generator(cfg.seed, REFINE, step, 0)}
+
+    def after(first: int, name: str):
+        def after_step(step: int) -> None:
+            renderer.update(first + step, asset.field)
+            if cfg.val_every and (step + 1) % cfg.val_every == 0:
+                views = render_views(asset, renderer, val_cams, cfg.resolution, cfg)
+                strip = to_pil(rearrange(views, "b c h w -> 1 c h (b w)"))[0]
+                save_image(run_dir / "val" / f"{name}_{step + 1:06d}.png", strip)
+        return after_step
 
     log_file = run_dir / "losses.json"
     log = json.loads(log_file.read_text()) if log_file.is_file() else []
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    grid = asset.field.albedo_grid  # trained by the refine stage only: zero (adding nothing) until then
+    geometry = [p for p in asset.parameters() if p is not grid]
     timer.stages["fit"] = checkpoint_seconds(run_dir, STAGE)  # a resumed fit counts its earlier sessions too
     with timer("fit"):
-        done = run_stage(accel, Stage(STAGE, cfg.steps, cfg.lr, deadline), objective, list(asset.parameters()),
+        done = run_stage(accel, Stage(STAGE, cfg.steps, cfg.lr, deadline), objective, geometry,
                          batch, cfg, run_dir, checkpoint_step(run_dir, STAGE), progress=progress, log=log,
-                         after_step=after_step, adam_eps=1e-15)
+                         after_step=after(0, "step"), adam_eps=1e-15)
+    refined = 0
+    if cfg.refine_steps and done == cfg.steps:  # the geometry is finished: paint its albedo grid alone
+        accel.free_memory()
+        for p in geometry:
+            p.requires_grad_(False)
+        timer.stages["refine"] = checkpoint_seconds(run_dir, REFINE)
+        sds = SDS(prior, replace(cfg, t_max=cfg.refine_t_max, t_max_end=None))
+        painter = SDSObjective(asset, renderer, sds, objective.prompts, cfg)
+        with timer("refine"):
+            refined = run_stage(accel, Stage(REFINE, cfg.refine_steps, cfg.refine_lr, deadline), painter, [grid],
+                                refine_batch, cfg, run_dir, checkpoint_step(run_dir, REFINE), progress=progress,
+                                log=log, after_step=after(cfg.steps, REFINE), adam_eps=1e-15)
     write_json(log_file, log)
     save_asset(asset, run_dir / WEIGHTS_NAME)
     with timer("export"):
         files = export_asset(asset, renderer, cfg, run_dir, progress=progress)
     write_json(run_dir / "metadata.json", {
-        "prompt": prompt, "steps": done, "model": prior.model_id, "model_hash": prior.content_hash(),
-        "device": str(device), "mixed_precision": accel.mixed_precision, "timings_s": timer.stages,
+        "prompt": prompt, "steps": done, "refine_steps": refined, "model": prior.model_id,
+        "model_hash": prior.content_hash(), "device": str(device), "mixed_precision": accel.mixed_precision,
+        "timings_s": timer.stages,
         "files": {k: str(Path(v).name) for k, v in files.items()}, "versions": versions(), "command": command_line()})
     logger.info("3d asset written to %s", run_dir)
     return run_dir
@@ -290,10 +317,12 @@ def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:
     from safetensors.torch import load_file
 
     asset = Asset(cfg)
-    final, ckpt = run_dir / WEIGHTS_NAME, run_dir / "checkpoints" / STAGE / "model.safetensors"
+    final = run_dir / WEIGHTS_NAME
+    ckpt = next((c for c in (run_dir / "checkpoints" / name / "model.safetensors" for name in (REFINE, STAGE))
+                 if c.is_file()), None)  # the refine stage's checkpoint is the later one
     if final.is_file():
         state = load_file(str(final))
-    elif ckpt.is_file():
+    elif ckpt is not None:
         state = {k[len("asset."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("asset.")}
     else:
         raise UserError(f"{run_dir} holds no field: neither {WEIGHTS_NAME} nor a checkpoint (run `python run.py 3d` first)")

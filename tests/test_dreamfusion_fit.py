@@ -81,6 +81,48 @@ def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch, recipe):
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
 
 
+def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_path, monkeypatch):
+    refine = ["albedo_grid=8", "refine_steps=4"]
+    assert fit(tiny_sd, tmp_path / "straight", *refine) == 0
+    d = only_run(tmp_path / "straight")
+    straight = load_file(str(d / "asset.safetensors"))
+    geometry = {k[len("asset."):]: v for k, v in load_file(str(d / "checkpoints" / "3d" / "model.safetensors")).items()}
+    assert geometry["field.albedo_grid"].abs().max() == 0  # the geometry stage leaves the grid alone
+    assert straight["field.albedo_grid"].abs().max() > 0  # the refine stage paints it...
+    for k, v in geometry.items():  # ...and nothing else
+        if k != "field.albedo_grid":
+            torch.testing.assert_close(straight[k], v, atol=0, rtol=0)
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["steps"] == 4 and meta["refine_steps"] == 4 and "refine" in meta["timings_s"]
+    assert {"refine_000002.png", "refine_000004.png"} <= {p.name for p in (d / "val").iterdir()}
+
+    from dreamfusion.fit import SDSObjective
+
+    forward = SDSObjective.forward
+
+    def interrupted(self, step, progress, generator):
+        if step == 4 + 2:  # the refine stage's step 2
+            raise KeyboardInterrupt
+        return forward(self, step, progress, generator)
+
+    monkeypatch.setattr(SDSObjective, "forward", interrupted)
+    assert fit(tiny_sd, tmp_path / "stopped", *refine) == 130
+    d = only_run(tmp_path / "stopped")
+    assert json.loads((d / "checkpoints" / "refine" / "progress.json").read_text())["step"] == 2
+    monkeypatch.setattr(SDSObjective, "forward", forward)
+    from dreamfusion.config import ThreeDConfig
+    from dreamfusion.fit import load_asset
+    from pipelines.config import build, load_yaml
+
+    saved = {k: v for k, v in load_yaml(d / "config.yaml").items() if k not in ("prompt", "command")}
+    assert load_asset(d, build(ThreeDConfig, saved), "cpu").field.albedo_grid.abs().max() > 0  # the refine checkpoint's
+    assert run.main(["export", str(d), "formats=[ply]", "turntable_frames=2", "--quiet"]) == 0
+    assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
+    resumed = load_file(str(d / "asset.safetensors"))
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+
+
 def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
     assert fit(tiny_sd, tmp_path) == 0
     d = only_run(tmp_path)
@@ -133,6 +175,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeyp
     ("guidance=-1", "guidance must be a finite number >= 0"),
     ("mesh_resolution=100000", "mesh_resolution="),
     ("keep_components=-1", "keep_components must be >= 0"),
+    ("refine_steps=2", "give it one too, e.g. albedo_grid=32"),
 ])
 def test_3d_bad_input(tiny_sd, tmp_path, capsys, override, message):
     assert fit(tiny_sd, tmp_path, override) == 2

@@ -464,6 +464,28 @@ def test_separate_albedo_network_leaves_density_to_the_trunk():
         FieldConfig(albedo_network="split").validate()
 
 
+def test_albedo_grid_adds_trilinear_logits_on_an_xyz_lattice():
+    torch.manual_seed(0)
+    cfg = FieldConfig(bound=1.0, albedo_grid=5)
+    field, plain = NeRFField(cfg), NeRFField(FieldConfig(bound=1.0))
+    plain.load_state_dict({k: v for k, v in field.state_dict().items() if k != "albedo_grid"})
+    x = torch.rand(64, 3) * 2 - 1
+    torch.testing.assert_close(field(x)[1], plain(x)[1])  # zero at the start: the network's albedo alone
+    with torch.no_grad():
+        field.albedo_grid[0, :, 4, 2, 1] = torch.tensor([1.0, 2.0, 3.0])  # the lattice point (x, y, z) = (1, 0, -0.5)
+    logit = lambda f, pts: torch.logit(f(pts)[1], eps=1e-6)
+    at = torch.tensor([[1.0, 0.0, -0.5], [0.75, 0.0, -0.5], [-1.0, 0.0, -0.5]])  # on it, half a cell away, far off
+    added = logit(field, at) - logit(plain, at)
+    torch.testing.assert_close(added[0], torch.tensor([1.0, 2.0, 3.0]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(added[1], torch.tensor([0.5, 1.0, 1.5]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(added[2], torch.zeros(3), atol=1e-5, rtol=0)
+    field(x)[1].sum().backward()
+    assert field.albedo_grid.grad.abs().sum() > 0
+    for bad in (1, -2, 1000):
+        with pytest.raises(UserError, match="albedo_grid"):
+            FieldConfig(albedo_grid=bad).validate()
+
+
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
 def test_finite_difference_normals_match_autograd(encoding):
     torch.manual_seed(0)

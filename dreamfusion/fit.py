@@ -230,6 +230,8 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     grid = asset.field.albedo_grid  # trained by the refine stage only: zero (adding nothing) until then
     geometry = [p for p in asset.parameters() if p is not grid]
+    if grid is not None:  # no gradient either, or it would count in the gradient clipping and the fit would differ
+        grid.requires_grad_(False)
     timer.stages["fit"] = checkpoint_seconds(run_dir, STAGE)  # a resumed fit counts its earlier sessions too
     with timer("fit"):
         done = run_stage(accel, Stage(STAGE, cfg.steps, cfg.lr, deadline), objective, geometry,
@@ -240,6 +242,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
         accel.free_memory()
         for p in geometry:
             p.requires_grad_(False)
+        grid.requires_grad_(True)
         timer.stages["refine"] = checkpoint_seconds(run_dir, REFINE)
         sds = SDS(prior, replace(cfg, t_max=cfg.refine_t_max, t_max_end=None))
         painter = SDSObjective(asset, renderer, sds, objective.prompts, cfg)

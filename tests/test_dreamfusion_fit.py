@@ -87,7 +87,12 @@ def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_pa
     d = only_run(tmp_path / "straight")
     straight = load_file(str(d / "asset.safetensors"))
     geometry = {k[len("asset."):]: v for k, v in load_file(str(d / "checkpoints" / "3d" / "model.safetensors")).items()}
-    assert geometry["field.albedo_grid"].abs().max() == 0  # the geometry stage leaves the grid alone
+    assert geometry["field.albedo_grid"].abs().max() == 0  # the geometry stage leaves the grid alone...
+    assert fit(tiny_sd, tmp_path / "plain") == 0
+    plain = load_file(str(only_run(tmp_path / "plain") / "asset.safetensors"))
+    assert plain.keys() == geometry.keys() - {"field.albedo_grid"}
+    for k, v in plain.items():  # ...and is the plain fit, to the bit
+        torch.testing.assert_close(geometry[k], v, atol=0, rtol=0)
     assert straight["field.albedo_grid"].abs().max() > 0  # the refine stage paints it...
     for k, v in geometry.items():  # ...and nothing else
         if k != "field.albedo_grid":

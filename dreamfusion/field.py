@@ -296,7 +296,10 @@ class NeRFField(nn.Module):
         `normals=finite_difference` (threestudio's choice for hash grids): a 4-tap tetrahedron stencil
         of `normal_eps`, differentiable through plain density queries, with no double backward (which
         is slow for gathers). Where the gradient is zero (empty space) the normal is the zero vector.
+        No graph is built while no parameter of the density trains (the refine stage's frozen geometry):
+        it would carry no gradient, and the double backward through the trunk costs time.
         """
+        create_graph = create_graph and self.density_trains()
         if self.cfg.normals == "finite_difference":
             k = torch.tensor([[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [1, 1, 1]], dtype=x.dtype, device=x.device)
             taps = self.query_density(rearrange(x[:, None, :] + self.cfg.normal_eps * k, "n k c -> (n k) c"))
@@ -306,6 +309,10 @@ class NeRFField(nn.Module):
             x = x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(self.query_density(x).sum(), x, create_graph=create_graph)
         return -F.normalize(grad, dim=-1)
+
+    def density_trains(self) -> bool:
+        """Whether a parameter that the density depends on (the encoding's or the trunk's) takes gradients."""
+        return any(p.requires_grad for module in (self.encoding, self.trunk) for p in module.parameters())
 
     def _blob(self, x: Tensor) -> Tensor:
         """Magic3D's density blob: positive inside blob_radius (scaled by blob_scale), increasingly negative outside."""

@@ -500,6 +500,21 @@ def test_finite_difference_normals_match_autograd(encoding):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fd.parameters())
 
 
+@pytest.mark.parametrize("normals", ["autograd", "finite_difference"])
+def test_normals_of_a_frozen_density_build_no_graph(normals):
+    """The refine stage freezes the geometry: its normals are the same values, with no graph to back-propagate."""
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(normals=normals, albedo_grid=4, hidden=16))
+    x = F.normalize(torch.randn(32, 3), dim=-1) * 0.4
+    live = field.normals(x, create_graph=True)
+    assert live.requires_grad and field.density_trains()
+    for module in (field.encoding, field.trunk):
+        module.requires_grad_(False)
+    frozen = field.normals(x, create_graph=True)
+    assert not field.density_trains() and not frozen.requires_grad  # the albedo grid still trains
+    torch.testing.assert_close(frozen, live.detach(), rtol=0, atol=0)
+
+
 def test_evaluation_renders_skip_weightless_samples_without_changing_the_image():
     torch.manual_seed(0)
     cfg = FieldConfig(hidden=16, background="fixed")

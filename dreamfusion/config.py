@@ -54,7 +54,8 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
     lr: float = option(1e-2, "Adam learning rate of the field and background (cosine decay to 10%)")
     warmup_steps: int = option(50, "linear learning-rate warm-up steps")
     refine_steps: int = option(0, "then this many steps that train only the albedo grid (albedo_grid=N), the geometry "
-                                  "frozen: an appearance stage that paints small marks on the settled surface")
+                                  "frozen and every render lit: an appearance stage that paints small marks on the "
+                                  "settled surface")
     refine_lr: float = option(0.1, "Adam learning rate of the refine stage (cosine decay to 10%)")
     refine_t_max: float = option(0.5, "largest diffusion time of the refine stage (detail is drawn at low noise)")
     orient_weight: float = option(1e-2, "orientation loss weight (DreamFusion: normals must not face away from the camera)")

@@ -244,8 +244,10 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
             p.requires_grad_(False)
         grid.requires_grad_(True)
         timer.stages["refine"] = checkpoint_seconds(run_dir, REFINE)
-        sds = SDS(prior, replace(cfg, t_max=cfg.refine_t_max, t_max_end=None))
-        painter = SDSObjective(asset, renderer, sds, objective.prompts, cfg)
+        # Every refine step is lit: a textureless render holds no albedo (no gradient reaches the grid), and an
+        # albedo-only one asks the prior for shading that the free grid would paint in (a dark underside).
+        painting = replace(cfg, t_max=cfg.refine_t_max, t_max_end=None, albedo_prob=0.0, textureless_prob=0.0)
+        painter = SDSObjective(asset, renderer, SDS(prior, painting), objective.prompts, painting)
         with timer("refine"):
             refined = run_stage(accel, Stage(REFINE, cfg.refine_steps, cfg.refine_lr, deadline), painter, [grid],
                                 refine_batch, cfg, run_dir, checkpoint_step(run_dir, REFINE), progress=progress,

@@ -101,7 +101,21 @@ def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_pa
     assert meta["steps"] == 4 and meta["refine_steps"] == 4 and "refine" in meta["timings_s"]
     assert {"refine_000002.png", "refine_000004.png"} <= {p.name for p in (d / "val").iterdir()}
 
+    import dreamfusion.fit
     from dreamfusion.fit import SDSObjective
+
+    modes, sample_shading = {}, dreamfusion.fit.sample_shading
+
+    def spy(step, cfg, cams, generator=None):
+        shading = modes[step] = sample_shading(step, cfg, cams, generator)
+        return shading
+
+    monkeypatch.setattr(dreamfusion.fit, "sample_shading", spy)
+    assert fit(tiny_sd, tmp_path / "shaded", *refine, "albedo_prob=0.5", "textureless_prob=0.5",
+               "ambient_only_steps=0") == 0
+    assert {modes[s].mode for s in range(4)} - {"lambertian"}  # the fit draws albedo-only or textureless steps
+    assert {modes[s].mode for s in range(4, 8)} == {"lambertian"}  # every refine step is lit
+    monkeypatch.setattr(dreamfusion.fit, "sample_shading", sample_shading)
 
     forward = SDSObjective.forward
 

@@ -58,6 +58,8 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
                                   "settled surface")
     refine_lr: float = option(0.1, "Adam learning rate of the refine stage (cosine decay to 10%)")
     refine_t_max: float = option(0.5, "largest diffusion time of the refine stage (detail is drawn at low noise)")
+    refine_canvas: str = option("fit", "what the refine stage paints on: the fit's albedo (fit), or a plain coat of "
+                                       "its median surface colour (plain), which hides the shading the fit baked in")
     orient_weight: float = option(1e-2, "orientation loss weight (DreamFusion: normals must not face away from the camera)")
     orient_ramp: int = option(500, "steps over which the orientation weight ramps up from 0")
     opacity_weight: float = option(0.0, "sparsity: weight of the mean rendered opacity")
@@ -87,6 +89,8 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
             raise UserError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")
         if not self.t_min < self.refine_t_max <= 1:
             raise UserError(f"refine_t_max must be in (t_min, 1], got {self.refine_t_max}")
+        if self.refine_canvas not in ("fit", "plain"):
+            raise UserError(f"refine_canvas must be fit or plain, got '{self.refine_canvas}'")
         if self.refine_steps and not self.albedo_grid:
             raise UserError("refine_steps trains the albedo grid alone: give it one too, e.g. albedo_grid=32")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):

@@ -19,6 +19,7 @@ axis-aligned ripples into the colour, so the ToyWorld recipe keeps it shared.
   * `albedo_grid=N` adds a dense N^3 grid of albedo logits (trilinear, as DVGO's and Plenoxels' colour
     grids) to the network's. It starts at zero and only the refine stage trains it (dreamfusion.fit):
     each cell is free, so it paints a small local mark without the network's smoothness or ripples.
+    `coat_albedo` sets it to cancel the network's albedo down to one plain colour instead.
 
 `Background` is what rays see when they leave the cube: DreamFusion's environment MLP over the
 ray direction, a fixed grey, or a random solid colour in training (threestudio's `random_aug`).
@@ -253,12 +254,28 @@ class NeRFField(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Points (N, 3) -> density (N,) >= 0 and albedo (N, 3) in [0, 1]."""
-        feats = self.encoding(x / self.cfg.bound)
-        out = self.trunk(feats)  # (N, 4), or (N, 1) with a separate albedo MLP
-        albedo_logits = out[:, 1:] if self.albedo is None else self.albedo(feats)
+        out, albedo_logits = self._network(x)
         if self.albedo_grid is not None:
             albedo_logits = albedo_logits + self._grid_logits(x)
         return self._density(x, out[:, 0]), torch.sigmoid(albedo_logits)
+
+    def _network(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The trunk's output (N, 4 or 1) and the networks' albedo logits (N, 3), without the grid's."""
+        feats = self.encoding(x / self.cfg.bound)
+        out = self.trunk(feats)  # (N, 4), or (N, 1) with a separate albedo MLP
+        return out, out[:, 1:] if self.albedo is None else self.albedo(feats)
+
+    @torch.no_grad()
+    def coat_albedo(self, rgb: Tensor) -> None:
+        """Set the albedo grid so that the albedo is `rgb` (3,) at each of its lattice points, cancelling the
+        network's logits there (exactly at the points, trilinearly between them): a plain coat of one colour
+        over whatever the network painted, for the refine stage to paint on (`refine_canvas=plain`)."""
+        n, b = self.albedo_grid.shape[-1], self.cfg.bound
+        axis = torch.linspace(-b, b, n, device=self.albedo_grid.device)
+        points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3)  # [x, y, z] order
+        network = torch.cat([self._network(p)[1].float() for p in points.split(1 << 16)])
+        target = torch.logit(rgb.float().clamp(1e-3, 1 - 1e-3)).to(network.device)
+        self.albedo_grid.copy_(rearrange(target - network, "(x y z) c -> 1 c x y z", x=n, y=n))
 
     def _grid_logits(self, x: Tensor) -> Tensor:
         """The albedo grid's logits (N, 3) at points (N, 3), trilinear. grid_sample reads its coordinates as

@@ -13,7 +13,9 @@ and hands the field to `dreamfusion.export` for the mesh and the turntables.
 With `refine_steps` an appearance stage follows, as Magic3D and Fantasia3D split geometry from appearance:
 the geometry is frozen and only the field's albedo grid (`albedo_grid`) is trained, by the same SDS at
 lower noise (`refine_t_max`). Small marks that the geometry fit never paints (ToyWorld's front marker,
-while the surface is still moving) are drawn on the settled surface.
+while the surface is still moving) are drawn on the settled surface. With `refine_canvas=plain` it paints on
+a plain coat of the fit's median surface colour instead of the fit's albedo, which hides the shading the fit
+baked into it (dark bands that the judge takes for ToyWorld's marker).
 
 Every random draw of step k comes from a generator seeded by (seed, k), so `--resume RUN_DIR`
 continues exactly where the run stopped.
@@ -44,7 +46,7 @@ from .config import ExportOptions, ThreeDConfig
 from .field import Background, NeRFField
 from .guidance import SDS
 from .renderer import make_renderer
-from .shading import fixed_light, sample_shading, shade
+from .shading import Shading, fixed_light, sample_shading, shade
 
 logger = logging.getLogger(__name__)
 STAGE, REFINE = "3d", "refine"  # checkpoint folders of the geometry fit and of the appearance stage after it
@@ -138,6 +140,17 @@ def render_views(asset: Asset, renderer, cams: Cameras, size: int, cfg: ThreeDCo
     """Evaluation renders (B, 3, size, size) in [0, 1], lit like ToyWorld's images (a light that follows the camera)."""
     out = render(asset, renderer, cams, size, _eval_shading(cams), cfg, train=False, chunk=cfg.chunk)
     return rearrange(out["rgb"], "(b h w) c -> b c h w", b=len(cams), h=size).clamp(0, 1)
+
+
+@torch.no_grad()
+def surface_albedo(asset: Asset, renderer, cfg: ThreeDConfig, views: int = 8, size: int = 64) -> torch.Tensor:
+    """The finished fit's median surface colour (3,): the per-channel median of its albedo-only renders from
+    `views` azimuths, over the pixels it covers (opacity > 0.9); mid-grey if it covers none."""
+    asset.field.anneal(1.0)
+    cams = turntable_cameras(views, cfg, next(asset.parameters()).device, elevation=20.0)
+    out = render(asset, renderer, cams, size, Shading("albedo", fixed_light(cams)), cfg, train=False, chunk=cfg.chunk)
+    covered = out["opacity"][:, 0] > 0.9
+    return out["rgb"][covered].median(0).values if covered.any() else out["rgb"].new_full((3,), 0.5)
 
 
 def turntable_cameras(n: int, cfg: ThreeDConfig, device, elevation: float | None = None) -> Cameras:
@@ -244,13 +257,16 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
             p.requires_grad_(False)
         grid.requires_grad_(True)
         timer.stages["refine"] = checkpoint_seconds(run_dir, REFINE)
+        begun = checkpoint_step(run_dir, REFINE)
+        if cfg.refine_canvas == "plain" and begun == 0:  # once: a resumed refine has the coat in its checkpoint
+            asset.field.coat_albedo(surface_albedo(asset, renderer, cfg))
         # Every refine step is lit: a textureless render holds no albedo (no gradient reaches the grid), and an
         # albedo-only one asks the prior for shading that the free grid would paint in (a dark underside).
         painting = replace(cfg, t_max=cfg.refine_t_max, t_max_end=None, albedo_prob=0.0, textureless_prob=0.0)
         painter = SDSObjective(asset, renderer, SDS(prior, painting), objective.prompts, painting)
         with timer("refine"):
             refined = run_stage(accel, Stage(REFINE, cfg.refine_steps, cfg.refine_lr, deadline), painter, [grid],
-                                refine_batch, cfg, run_dir, checkpoint_step(run_dir, REFINE), progress=progress,
+                                refine_batch, cfg, run_dir, begun, progress=progress,
                                 log=log, after_step=after(cfg.steps, REFINE), adam_eps=1e-15)
     write_json(log_file, log)
     save_asset(asset, run_dir / WEIGHTS_NAME)

@@ -142,6 +142,59 @@ def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_pa
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
 
 
+def test_refine_on_a_plain_canvas_coats_once_and_resumes_exactly(tiny_sd, tmp_path, monkeypatch):
+    from dreamfusion.field import NeRFField
+    from dreamfusion.fit import SDSObjective
+
+    coats, coat, forward = [], NeRFField.coat_albedo, SDSObjective.forward
+
+    def spy(self, rgb):
+        coats.append(rgb.clone())
+        return coat(self, rgb)
+
+    monkeypatch.setattr(NeRFField, "coat_albedo", spy)
+    plain = ["albedo_grid=8", "refine_steps=4", "refine_canvas=plain"]
+    assert fit(tiny_sd, tmp_path / "straight", *plain) == 0 and len(coats) == 1
+    straight = load_file(str(only_run(tmp_path / "straight") / "asset.safetensors"))
+    assert fit(tiny_sd, tmp_path / "over", "albedo_grid=8", "refine_steps=4") == 0 and len(coats) == 1
+    over = load_file(str(only_run(tmp_path / "over") / "asset.safetensors"))
+    assert (straight["field.albedo_grid"] - over["field.albedo_grid"]).abs().max() > 0.1  # painted on the coat
+
+    def interrupted(self, step, progress, generator):
+        if step == 4 + 2:
+            raise KeyboardInterrupt
+        return forward(self, step, progress, generator)
+
+    monkeypatch.setattr(SDSObjective, "forward", interrupted)
+    assert fit(tiny_sd, tmp_path / "stopped", *plain) == 130 and len(coats) == 2
+    monkeypatch.setattr(SDSObjective, "forward", forward)
+    d = only_run(tmp_path / "stopped")
+    assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
+    assert len(coats) == 2  # the resumed refine stage has its coat in the checkpoint: it is not laid again
+    torch.testing.assert_close(coats[1], coats[0], rtol=0, atol=0)
+    resumed = load_file(str(d / "asset.safetensors"))
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+
+
+def test_surface_albedo_is_the_median_colour_of_the_covered_pixels():
+    from dreamfusion.config import ThreeDConfig
+    from dreamfusion.fit import Asset, surface_albedo
+    from dreamfusion.renderer import make_renderer
+
+    torch.manual_seed(0)
+    cfg = ThreeDConfig(albedo_grid=16, hidden=16, encoding="frequency", background="fixed", samples_per_ray=32)
+    asset = Asset(cfg)
+    asset.field.coat_albedo(torch.tensor([0.8, 0.3, 0.1]))  # the blob is an opaque ball of this colour
+    torch.testing.assert_close(surface_albedo(asset, make_renderer("cpu", cfg, cfg.bound), cfg, views=2, size=24),
+                               torch.tensor([0.8, 0.3, 0.1]), atol=0.02, rtol=0)
+    with torch.no_grad():
+        asset.field.trunk[-1].bias[0] = -100.0  # nothing covered: mid-grey
+        asset.field.blob_scale.zero_()
+    torch.testing.assert_close(surface_albedo(asset, make_renderer("cpu", cfg, cfg.bound), cfg, views=2, size=24),
+                               torch.full((3,), 0.5))
+
+
 def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
     assert fit(tiny_sd, tmp_path) == 0
     d = only_run(tmp_path)
@@ -195,6 +248,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeyp
     ("mesh_resolution=100000", "mesh_resolution="),
     ("keep_components=-1", "keep_components must be >= 0"),
     ("refine_steps=2", "give it one too, e.g. albedo_grid=32"),
+    ("refine_canvas=blank", "refine_canvas must be fit or plain"),
 ])
 def test_3d_bad_input(tiny_sd, tmp_path, capsys, override, message):
     assert fit(tiny_sd, tmp_path, override) == 2

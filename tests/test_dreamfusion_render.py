@@ -486,6 +486,23 @@ def test_albedo_grid_adds_trilinear_logits_on_an_xyz_lattice():
             FieldConfig(albedo_grid=bad).validate()
 
 
+def test_coat_albedo_paints_one_colour_over_the_network():
+    torch.manual_seed(0)
+    field = NeRFField(FieldConfig(bound=1.0, albedo_grid=24, frequencies=2))
+    with torch.no_grad():
+        field.trunk[-1].weight[1:] *= 30  # a network albedo that varies a lot from place to place
+    x, rgb = torch.rand(2048, 3) * 2 - 1, torch.tensor([0.2, 0.7, 0.1])
+    before, density = (field(x)[1] - rgb).abs(), field(x)[0]
+    assert before.mean() > 0.3
+    field.coat_albedo(rgb)
+    axis = torch.linspace(-1, 1, 24)
+    lattice = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3)
+    torch.testing.assert_close(field(lattice)[1], rgb.expand(len(lattice), 3), atol=1e-5, rtol=0)  # exact on it
+    after = (field(x)[1] - rgb).abs()  # trilinear in between: what is left is the network's finer ripples
+    assert after.mean() < before.mean() / 20 and after.max() < before.max() / 10
+    torch.testing.assert_close(field(x)[0], density, rtol=0, atol=0)  # the geometry untouched
+
+
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
 def test_finite_difference_normals_match_autograd(encoding):
     torch.manual_seed(0)

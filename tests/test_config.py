@@ -80,6 +80,7 @@ def test_toyworld_preset_carries_its_own_3d_recipe_and_every_real_prior_gets_the
     assert (sd.steps, sd.encode_size, sd.guidance, sd.background, sd.encoding) == (10000, 512, 100.0, "mlp", "hashgrid")
     assert (toy.albedo_network, sd.albedo_network) == ("shared", "separate")
     assert (toy.light_offset, sd.light_offset) == (TOYWORLD_LIGHT_OFFSET, (0.0, 0.0))  # ToyWorld's light; DreamFusion's
+    assert (toy.refine_canvas, sd.refine_canvas) == ("plain", "fit")  # one-colour objects; textured ones keep theirs
     assert config.to_dict(folder) == {**config.to_dict(sd), "model": str(tmp_path)}
     assert config.to_dict(config.load(ThreeDConfig, "3d", ["model=sd21-base"])) == {**config.to_dict(sd), "model": "sd21-base"}
     sd_keys = set(config.preset("3d"))

@@ -260,7 +260,7 @@ class NeRFField(nn.Module):
         return self._density(x, out[:, 0]), torch.sigmoid(albedo_logits)
 
     def _network(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The trunk's output (N, 4 or 1) and the networks' albedo logits (N, 3), without the grid's."""
+        """The trunk's output (N, 4 or 1) and the network's albedo logits (N, 3), without the grid's."""
         feats = self.encoding(x / self.cfg.bound)
         out = self.trunk(feats)  # (N, 4), or (N, 1) with a separate albedo MLP
         return out, out[:, 1:] if self.albedo is None else self.albedo(feats)

@@ -1,6 +1,7 @@
 """`run.py 3d` and `run.py export` on a tiny random SD-layout prior: files, exact resume, Ctrl-C, NaN, bad input."""
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,23 @@ def recipe(request, tmp_path) -> list[str]:
     return [] if request.param == "published" else toyworld_recipe(tmp_path)
 
 
+@contextmanager
+def ctrl_c_at(stop: int):
+    """Ctrl-C (KeyboardInterrupt) at the objective's step `stop`; the refine stage's steps count on from the fit's."""
+    from dreamfusion.fit import SDSObjective
+
+    forward = SDSObjective.forward
+
+    def interrupted(self, step, progress, generator):
+        if step == stop:
+            raise KeyboardInterrupt
+        return forward(self, step, progress, generator)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SDSObjective, "forward", interrupted)
+        yield
+
+
 def only_run(out: Path) -> Path:
     [d] = [p for p in (out / "3d").iterdir() if p.is_dir()]
     return d
@@ -51,25 +69,14 @@ def test_3d_writes_loadable_meshes_and_turntables(tiny_sd, tmp_path, recipe):
     assert json.loads((d / "mesh.json").read_text())["automatic"] is True
 
 
-def test_resume_continues_exactly(tiny_sd, tmp_path, monkeypatch, recipe):
+def test_resume_continues_exactly(tiny_sd, tmp_path, recipe):
     assert fit(tiny_sd, tmp_path / "straight", *recipe) == 0
     straight = load_file(str(only_run(tmp_path / "straight") / "asset.safetensors"))
-
-    from dreamfusion.fit import SDSObjective
-
-    forward = SDSObjective.forward
-
-    def interrupted(self, step, progress, generator):
-        if step == 2:
-            raise KeyboardInterrupt
-        return forward(self, step, progress, generator)
-
-    monkeypatch.setattr(SDSObjective, "forward", interrupted)
-    assert fit(tiny_sd, tmp_path / "stopped", *recipe) == 130  # Ctrl-C saves a checkpoint at step 2
+    with ctrl_c_at(2):
+        assert fit(tiny_sd, tmp_path / "stopped", *recipe) == 130  # Ctrl-C saves a checkpoint at step 2
     d = only_run(tmp_path / "stopped")
     stopped = json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())
     assert stopped["step"] == 2 and stopped["seconds"] > 0
-    monkeypatch.setattr(SDSObjective, "forward", forward)
     assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
     # the metadata's fit time counts the stopped session as well as the resumed one
     fit_seconds = json.loads((d / "metadata.json").read_text())["timings_s"]["fit"]
@@ -102,7 +109,6 @@ def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_pa
     assert {"refine_000002.png", "refine_000004.png"} <= {p.name for p in (d / "val").iterdir()}
 
     import dreamfusion.fit
-    from dreamfusion.fit import SDSObjective
 
     modes, sample_shading = {}, dreamfusion.fit.sample_shading
 
@@ -117,18 +123,10 @@ def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_pa
     assert {modes[s].mode for s in range(4, 8)} == {"lambertian"}  # every refine step is lit
     monkeypatch.setattr(dreamfusion.fit, "sample_shading", sample_shading)
 
-    forward = SDSObjective.forward
-
-    def interrupted(self, step, progress, generator):
-        if step == 4 + 2:  # the refine stage's step 2
-            raise KeyboardInterrupt
-        return forward(self, step, progress, generator)
-
-    monkeypatch.setattr(SDSObjective, "forward", interrupted)
-    assert fit(tiny_sd, tmp_path / "stopped", *refine) == 130
+    with ctrl_c_at(4 + 2):  # the refine stage's step 2
+        assert fit(tiny_sd, tmp_path / "stopped", *refine) == 130
     d = only_run(tmp_path / "stopped")
     assert json.loads((d / "checkpoints" / "refine" / "progress.json").read_text())["step"] == 2
-    monkeypatch.setattr(SDSObjective, "forward", forward)
     from dreamfusion.config import ThreeDConfig
     from dreamfusion.fit import load_asset
     from pipelines.config import build, load_yaml
@@ -144,9 +142,8 @@ def test_refine_paints_the_albedo_grid_alone_and_resumes_exactly(tiny_sd, tmp_pa
 
 def test_refine_on_a_plain_canvas_coats_once_and_resumes_exactly(tiny_sd, tmp_path, monkeypatch):
     from dreamfusion.field import NeRFField
-    from dreamfusion.fit import SDSObjective
 
-    coats, coat, forward = [], NeRFField.coat_albedo, SDSObjective.forward
+    coats, coat = [], NeRFField.coat_albedo
 
     def spy(self, rgb):
         coats.append(rgb.clone())
@@ -160,14 +157,8 @@ def test_refine_on_a_plain_canvas_coats_once_and_resumes_exactly(tiny_sd, tmp_pa
     over = load_file(str(only_run(tmp_path / "over") / "asset.safetensors"))
     assert (straight["field.albedo_grid"] - over["field.albedo_grid"]).abs().max() > 0.1  # painted on the coat
 
-    def interrupted(self, step, progress, generator):
-        if step == 4 + 2:
-            raise KeyboardInterrupt
-        return forward(self, step, progress, generator)
-
-    monkeypatch.setattr(SDSObjective, "forward", interrupted)
-    assert fit(tiny_sd, tmp_path / "stopped", *plain) == 130 and len(coats) == 2
-    monkeypatch.setattr(SDSObjective, "forward", forward)
+    with ctrl_c_at(4 + 2):
+        assert fit(tiny_sd, tmp_path / "stopped", *plain) == 130 and len(coats) == 2
     d = only_run(tmp_path / "stopped")
     assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
     assert len(coats) == 2  # the resumed refine stage has its coat in the checkpoint: it is not laid again

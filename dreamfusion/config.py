@@ -64,6 +64,8 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
     orient_ramp: int = option(500, "steps over which the orientation weight ramps up from 0")
     opacity_weight: float = option(0.0, "sparsity: weight of the mean rendered opacity")
     entropy_weight: float = option(1e-3, "weight of the opacity's binary entropy (pushes pixels to empty or solid)")
+    normal_smooth_weight: float = option(0.0, "weight of the rendered normal map's total variation over covered pixels "
+                                              "(2D normal smoothness, as threestudio's): irons out surface ripples")
     seed: int = option(0, "seed of the field's initialisation and every random draw")
     mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
     checkpoint_every: int = option(500, "save a resumable checkpoint every N steps (Ctrl-C also saves one)")
@@ -83,7 +85,7 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
             raise UserError("batch_size, checkpoint_every and chunk must be at least 1")
         if self.val_every < 0 or self.orient_ramp < 0 or self.warmup_steps < 0:
             raise UserError("val_every, orient_ramp and warmup_steps must be >= 0")
-        if min(self.orient_weight, self.opacity_weight, self.entropy_weight) < 0 or not self.lr > 0:
+        if min(self.orient_weight, self.opacity_weight, self.entropy_weight, self.normal_smooth_weight) < 0 or not self.lr > 0:
             raise UserError("loss weights must be >= 0 and lr > 0")
         if self.refine_steps < 0 or not self.refine_lr > 0:
             raise UserError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")

@@ -116,7 +116,20 @@ class SDSObjective(nn.Module):
             loss = loss + cfg.entropy_weight * entropy.mean()
         if cfg.opacity_weight:
             loss = loss + cfg.opacity_weight * opacity.mean()
+        if cfg.normal_smooth_weight:
+            loss = loss + cfg.normal_smooth_weight * normal_variation(out, len(cams), res)
         return loss
+
+
+def normal_variation(out: dict, views: int, size: int) -> torch.Tensor:
+    """Total variation of the rendered normal maps: the mean absolute difference between neighbouring pixels'
+    normals, each weighted by both pixels' (detached) opacities so that silhouette edges cost nothing, summed
+    over the two image axes."""
+    normal, opacity = (rearrange(out[k], "(b h w) c -> b c h w", b=views, h=size) for k in ("normal", "opacity"))
+    opacity = opacity.detach()
+    down = (normal[..., 1:, :] - normal[..., :-1, :]).abs() * opacity[..., 1:, :] * opacity[..., :-1, :]
+    across = (normal[..., 1:] - normal[..., :-1]).abs() * opacity[..., 1:] * opacity[..., :-1]
+    return down.mean() + across.mean()
 
 
 def render(asset: Asset, renderer, cams: Cameras, size: int, shading, cfg: ThreeDConfig, train: bool,
@@ -130,7 +143,7 @@ def render(asset: Asset, renderer, cams: Cameras, size: int, shading, cfg: Three
         diffuse = cfg.diffuse if shading.diffuse is None else shading.diffuse
         return shade(albedo, normals, points, per_ray_light[ray_index], shading.mode, ambient, diffuse)
 
-    need_normals = shading.mode != "albedo" or (train and cfg.orient_weight > 0)
+    need_normals = shading.mode != "albedo" or (train and (cfg.orient_weight > 0 or cfg.normal_smooth_weight > 0))
     return renderer.render_rays(origins, dirs, asset.field, asset.background, shading_fn, train=train,
                                 generator=generator, need_normals=need_normals, chunk=chunk)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import trimesh
+from einops import rearrange
 from safetensors.torch import load_file
 
 import run
@@ -186,6 +187,53 @@ def test_surface_albedo_is_the_median_colour_of_the_covered_pixels():
                                torch.full((3,), 0.5))
 
 
+def test_normal_variation_costs_ripples_inside_the_silhouette_only():
+    from dreamfusion.fit import normal_variation
+
+    def maps(normal, opacity):  # (B, 3, H, W) and (B, 1, H, W) -> the renderer's (B H W, C) layout
+        return {"normal": rearrange(normal, "b c h w -> (b h w) c"), "opacity": rearrange(opacity, "b c h w -> (b h w) c")}
+
+    up, full = torch.tensor([0.0, 0.0, 1.0]), torch.ones(1, 1, 4, 4)
+    flat = up.view(1, 3, 1, 1).expand(1, 3, 4, 4)
+    assert normal_variation(maps(flat, full), 1, 4) == 0
+    striped = flat.clone()
+    striped[..., 1::2] = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)  # columns alternate between +z and +x
+    # across: every one of the 3 column pairs differs by |1| + |1| in two of 3 channels; down: nothing
+    torch.testing.assert_close(normal_variation(maps(striped, full), 1, 4), torch.tensor(2 / 3))
+    half = full.clone()
+    half[..., 1:] = 0.0  # only the first column is covered: no covered neighbours, so no cost
+    assert normal_variation(maps(striped, half), 1, 4) == 0
+
+
+def test_normal_smoothness_irons_out_a_rippled_field():
+    from dreamfusion.config import ThreeDConfig
+    from dreamfusion.fit import Asset, normal_variation, render, turntable_cameras
+    from dreamfusion.renderer import make_renderer
+    from dreamfusion.shading import Shading, fixed_light
+
+    torch.manual_seed(0)
+    cfg = ThreeDConfig(hidden=32, encoding="frequency", frequencies=4, background="fixed", samples_per_ray=24,
+                       bound=1.2, blob_radius=0.6, blob_density=10.0)  # an opaque ball ...
+    asset = Asset(cfg)
+    top = [3 + block + 4 * c + 3 for block in (0, 12) for c in range(3)]  # sin and cos of octave 3 on x, y, z
+    with torch.no_grad():  # ... rippled by large weights on the top octave's features
+        asset.field.trunk[0].weight[:, top] *= 30.0
+    renderer, cams = make_renderer("cpu", cfg, cfg.bound), turntable_cameras(2, cfg, "cpu", elevation=20.0)
+    shading = Shading("lambertian", fixed_light(cams))
+
+    def variation() -> torch.Tensor:  # the same samples every time
+        out = render(asset, renderer, cams, 16, shading, cfg, train=True, generator=torch.Generator().manual_seed(0))
+        return normal_variation(out, len(cams), 16)
+
+    opt = torch.optim.SGD(asset.field.trunk.parameters(), lr=0.3)
+    before = variation().item()
+    for _ in range(10):
+        opt.zero_grad()
+        variation().backward()  # through the normals, i.e. the density's gradient
+        opt.step()
+    assert variation().item() < 0.6 * before, (before, variation().item())
+
+
 def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
     assert fit(tiny_sd, tmp_path) == 0
     d = only_run(tmp_path)
@@ -240,6 +288,7 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path, monkeyp
     ("keep_components=-1", "keep_components must be >= 0"),
     ("refine_steps=2", "give it one too, e.g. albedo_grid=32"),
     ("refine_canvas=blank", "refine_canvas must be fit or plain"),
+    ("normal_smooth_weight=-1", "loss weights must be >= 0"),
 ])
 def test_3d_bad_input(tiny_sd, tmp_path, capsys, override, message):
     assert fit(tiny_sd, tmp_path, override) == 2

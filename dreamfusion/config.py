@@ -85,7 +85,8 @@ class ThreeDConfig(ExportOptions, GuidanceOptions, RenderConfig, ShadingConfig, 
             raise UserError("batch_size, checkpoint_every and chunk must be at least 1")
         if self.val_every < 0 or self.orient_ramp < 0 or self.warmup_steps < 0:
             raise UserError("val_every, orient_ramp and warmup_steps must be >= 0")
-        if min(self.orient_weight, self.opacity_weight, self.entropy_weight, self.normal_smooth_weight) < 0 or not self.lr > 0:
+        weights = (self.orient_weight, self.opacity_weight, self.entropy_weight, self.normal_smooth_weight)
+        if min(weights) < 0 or not self.lr > 0:
             raise UserError("loss weights must be >= 0 and lr > 0")
         if self.refine_steps < 0 or not self.refine_lr > 0:
             raise UserError(f"refine_steps must be >= 0 and refine_lr > 0, got {self.refine_steps}, {self.refine_lr}")

@@ -191,7 +191,7 @@ def test_normal_variation_costs_ripples_inside_the_silhouette_only():
     from dreamfusion.fit import normal_variation
 
     def maps(normal, opacity):  # (B, 3, H, W) and (B, 1, H, W) -> the renderer's (B H W, C) layout
-        return {"normal": rearrange(normal, "b c h w -> (b h w) c"), "opacity": rearrange(opacity, "b c h w -> (b h w) c")}
+        return {k: rearrange(v, "b c h w -> (b h w) c") for k, v in (("normal", normal), ("opacity", opacity))}
 
     up, full = torch.tensor([0.0, 0.0, 1.0]), torch.ones(1, 1, 4, 4)
     flat = up.view(1, 3, 1, 1).expand(1, 3, 4, 4)

@@ -1,7 +1,2 @@
-"""The shared text-to-image prior and what every job uses: loading, sampling, configs, run directories."""
-
-from .errors import UserError
-from .prior import Conditioning, Prior
-from .sampling import initial_noise, sample
-
-__all__ = ["Conditioning", "Prior", "UserError", "initial_noise", "sample"]
+"""Floor 1: the shared text-to-image prior and what every job uses (loading, sampling, configs, run
+folders, media, cameras). It imports nothing of this project's other packages."""

@@ -1,9 +1,10 @@
-"""Typed configs: dataclass schemas, YAML presets and `key=value` overrides, validated once.
+"""Typed configs: dataclass defaults, model presets, `--config FILE` and `key=value`, validated once.
 
-Every job has a dataclass whose fields are its options; each field's `metadata["help"]` is the
-one-line meaning that `run.py JOB --help` prints. Presets (YAML) and CLI overrides are merged
-as plain dicts and converted *once* by `build()`, which rejects unknown keys (naming the nearest
-valid one) and values of the wrong type. Modules only ever see the typed object.
+Every job has a dataclass whose fields are its options, nested by component (`field.bound=1.2`); each
+field's help is the line `run.py JOB --help` prints. The dataclass defaults are the one source of
+defaults; a model preset (configs/models/NAME.yaml) holds only what differs for that model. Layers
+merge as plain dicts and `build` converts them once, rejecting unknown keys (naming the nearest one)
+and values of the wrong type. This module imports nothing heavy, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import dataclasses
 import difflib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
@@ -27,6 +29,11 @@ def option(default: Any, help: str, **kwargs) -> Any:
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+
+
+def group(cls: type, help: str) -> Any:
+    """A nested group of options (`field.`, `camera.`, ...), its defaults those of `cls`."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help})
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -71,20 +78,47 @@ def merge(base: dict, update: dict) -> dict:
 
 def build(cls: type, data: dict, prefix: str = ""):
     """Convert a nested dict into the dataclass `cls`, checking every key and type."""
+    if not prefix:
+        _check_keys(cls, data)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise UserError(_unknown_key(prefix + key, list(fields), prefix))
+            raise UserError(_unknown_key(prefix + key, [prefix + k for k in fields]))
         kwargs[key] = _coerce(value, hints[key], prefix + key)
     return cls(**kwargs)
 
 
-def _unknown_key(key: str, valid: list[str], prefix: str) -> str:
-    leaf = key[len(prefix):]
-    near = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    hint = f"did you mean '{prefix}{near[0]}'?" if near else f"valid keys: {', '.join(sorted(valid))}"
+def keys(cls: type, prefix: str = "") -> list[str]:
+    """Every option of a config class as a dotted key (`steps`, `field.bound`, ...)."""
+    out, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += keys(hints[f.name], prefix + f.name + ".")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _check_keys(cls: type, data: dict) -> None:
+    """Unknown dotted keys, with the nearest valid key over every group (`mesh_resolution` -> `export.mesh_resolution`)."""
+    valid = keys(cls)
+    groups = {k.rpartition(".")[0] for k in valid}
+    for key in flatten(data):
+        if key not in valid and key not in groups:
+            raise UserError(_unknown_key(key, valid))
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    """The message for an unknown key: the same name in another group, else the closest key or name."""
+    leaf = key.rpartition(".")[2]
+    leaves = {k.rpartition(".")[2]: k for k in valid}
+    near = [k for k in valid if k.rpartition(".")[2] == leaf] or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    near = near or [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)]
+    scope = key.rpartition(".")[0]
+    local = sorted(k for k in valid if k.rpartition(".")[0] == scope) or valid
+    hint = f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(local)}"
     return f"unknown config key '{key}': {hint}"
 
 
@@ -154,43 +188,101 @@ def describe(cfg, prefix: str = "") -> list[tuple[str, str, str]]:
     return rows
 
 
-def preset(job: str) -> dict:
-    """configs/<job>.yaml as a dict (empty when the job has no preset file)."""
-    path = CONFIG_DIR / f"{job}.yaml"
-    return load_yaml(path) if path.is_file() else {}
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{"field": {"bound": 1.2}} -> {"field.bound": 1.2} (lists stay values)."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
-def model_defaults(model: str, job: str) -> dict:
-    """A model preset's own defaults for a job: the `<job>:` section of configs/models/<model>.yaml (so
-    `python run.py 3d PROMPT model=sd21-base` follows the published SD recipe, not ToyWorld's)."""
-    path = CONFIG_DIR / "models" / f"{model}.yaml"
-    section = load_yaml(path).get(job) if path.is_file() else None
-    if section is not None and not isinstance(section, dict):
-        raise UserError(f"{path}: the '{job}:' section must map option names to values")
-    return section or {}
+def unflatten(flat: dict) -> dict:
+    """flatten's inverse."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
 
 
-def _layers(cls: type, job: str, user: dict) -> dict:
-    """Dataclass defaults <- configs/<job>.yaml <- the model preset's `<job>:` section <- `user`."""
-    data = preset(job)
+def changed(cfg, defaults) -> dict:
+    """The options (dotted keys) in which config `cfg` differs from config `defaults`: what a command chose."""
+    base = flatten(to_dict(defaults))
+    return {k: v for k, v in flatten(to_dict(cfg)).items() if v != base.get(k)}
+
+
+# ------------------------------------------------------------------------------------- model presets
+@dataclass
+class ModelPreset:
+    """configs/models/NAME.yaml: where the weights are, the shipped motion modules, and per-job defaults."""
+
+    name: str
+    path: Optional[str] = None  # a folder, relative to the repository
+    id: Optional[str] = None  # or a hub id
+    revision: Optional[str] = None
+    motion: Optional[str] = None  # temporal layers the video job loads by default
+    interpolation: Optional[str] = None  # the masked-frame model for interpolate= and image=
+    jobs: dict = dataclasses.field(default_factory=dict)  # section -> options that differ for this model
+
+
+PRESET_KEYS = ("path", "id", "revision", "motion", "interpolation")
+PRESET_SECTIONS = ("3d",)  # jobs whose defaults a model preset may change
+
+
+def model_presets() -> dict[str, ModelPreset]:
+    return {p.stem: _read_preset(p) for p in sorted((CONFIG_DIR / "models").glob("*.yaml"))}
+
+
+def model_preset(name: str) -> ModelPreset | None:
+    path = CONFIG_DIR / "models" / f"{name}.yaml"
+    return _read_preset(path) if path.is_file() else None
+
+
+def _read_preset(path: Path) -> ModelPreset:
+    data = load_yaml(path)
+    unknown = [k for k in data if k not in PRESET_KEYS + PRESET_SECTIONS]
+    if unknown:
+        raise UserError(f"{path}: unknown key '{unknown[0]}' (a model preset holds {', '.join(PRESET_KEYS)} and "
+                        f"per-job sections {', '.join(PRESET_SECTIONS)})")
+    if ("path" in data) == ("id" in data):
+        raise UserError(f"{path}: give the weights as exactly one of path: (a folder) or id: (a hub id)")
+    jobs = {k: data[k] for k in PRESET_SECTIONS if k in data}
+    for section, options in jobs.items():
+        if not isinstance(options, dict):
+            raise UserError(f"{path}: the '{section}:' section must map option names to values")
+    return ModelPreset(name=path.stem, jobs=jobs, **{k: (None if data.get(k) is None else str(data[k]))
+                                                      for k in PRESET_KEYS})
+
+
+def model_defaults(model: str, section: str | None) -> dict:
+    """A model preset's own defaults for a job (its `<section>:`), e.g. ToyWorld's 3D recipe."""
+    preset = model_preset(model) if section else None
+    return preset.jobs.get(section, {}) if preset else {}
+
+
+def _layers(cls: type, section: str | None, user: dict) -> dict:
+    """The model preset's section for the model the user names (or the default model) <- `user`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    if "model" in fields:
-        default = fields["model"].default
-        data = merge(data, model_defaults(str(user.get("model", data.get("model", default))), job))
-    return merge(data, user)
+    if "model" not in fields:
+        return user
+    return merge(model_defaults(str(user.get("model", fields["model"].default)), section), user)
 
 
-def job_defaults(cls: type, job: str):
-    """The options a plain `run.py JOB` runs with (the default model's recipe included): what `--help`
-    shows, and what a resumed run compares the command's options against to see which ones it changed."""
-    return build(cls, _layers(cls, job, {}))
+def job_defaults(cls: type, section: str | None = None):
+    """The options a plain `run.py JOB` runs with: the dataclass defaults and the default model's section."""
+    return build(cls, _layers(cls, section, {}))
 
 
-def load(cls: type, job: str, overrides: list[str], config_file: str | None = None):
-    """Dataclass defaults <- configs/<job>.yaml <- the model preset's `<job>:` section <- --config FILE
-    <- key=value overrides."""
+def load(cls: type, section: str | None, overrides: list[str], config_file: str | None = None):
+    """Dataclass defaults <- the model preset's section <- --config FILE <- key=value overrides."""
     user = load_yaml(config_file) if config_file else {}
-    cfg = build(cls, _layers(cls, job, merge(user, parse_overrides(overrides))))
+    cfg = build(cls, _layers(cls, section, merge(user, parse_overrides(overrides))))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from .config import option, to_dict
-from .errors import UserError
-from .options import SamplingOptions
+from .media import save_image, to_pil
+from .options import ImageConfig
 from .prior import Prior
-from .runtime import Timer, command_line, make_run_dir, save_image, versions, write_json, write_yaml
+from .rundir import RunDir
+from .runtime import Timer
 from .sampling import initial_noise, sample
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ImageConfig(SamplingOptions):
-    num_images: int = option(1, "images per prompt, generated in one batch")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.num_images < 1:
-            raise UserError(f"num_images must be at least 1, got {self.num_images}")
 
 
 @torch.no_grad()
@@ -46,22 +33,11 @@ def generate(prior: Prior, prompt: str, cfg: ImageConfig, generator: torch.Gener
         return prior.decode_latents(latents, cfg.decode_chunk)
 
 
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(N, 3, H, W) in [0, 1] -> PIL images (rounded like diffusers' numpy_to_pil)."""
-    arr = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
-
-
-def from_pil(image: Image.Image) -> torch.Tensor:
-    """A PIL image -> (1, 3, H, W) in [0, 1] (to_pil's inverse, up to its rounding)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
-
-
 def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path, model_hash: str,
         setup_s: dict[str, float], progress: bool = True, process: int = 0) -> Path:
     """Generate one prompt's images into a fresh run directory and return it."""
-    run_dir = make_run_dir(out, "image", prompt)
-    write_yaml(run_dir / "config.yaml", {"prompt": prompt, **to_dict(cfg), "seed": seed, "command": command_line()})
+    run = RunDir.create(out, "image", prompt)
+    run.write_config(cfg, prompt=prompt, seed=seed)
     timer = Timer()
     timer.stages.update(setup_s)  # loading and hashing the model, shared by every prompt of the run
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -69,16 +45,13 @@ def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path,
     files = []
     with timer("save"):
         for i, image in enumerate(to_pil(images)):
-            save_image(run_dir / f"image_{i:02d}.png", image)
-            files.append(f"image_{i:02d}.png")
-    write_json(run_dir / "metadata.json", {
-        "job": "image", "prompt": prompt, "negative": cfg.negative, "seed": seed,
-        "model": prior.model_id, "model_hash": model_hash, "device": str(prior.device),
-        "dtype": str(prior.dtype).removeprefix("torch."), "height": images.shape[-2], "width": images.shape[-1],
-        "outputs": files, "process": process, "timings_s": timer.stages, "versions": versions(), "command": command_line(),
-    })
-    logger.info("wrote %d image(s) to %s", len(files), run_dir)
-    return run_dir
+            files.append(save_image(run / f"image_{i:02d}.png", image).name)
+    run.write_metadata(job="image", prompt=prompt, negative=cfg.negative, seed=seed, model=prior.model_id,
+                       model_hash=model_hash, device=str(prior.device), dtype=str(prior.dtype).removeprefix("torch."),
+                       height=images.shape[-2], width=images.shape[-1], outputs=files, process=process,
+                       timings_s=timer.stages)
+    logger.info("wrote %d image(s) to %s", len(files), run.path)
+    return run.path
 
 
 def main(cfg: ImageConfig, prompts: list[str], out: str | Path, progress: bool = True) -> list[Path]:

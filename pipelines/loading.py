@@ -1,9 +1,8 @@
-"""Find and load a diffusers-format text-to-image latent-diffusion folder.
+"""Find and load a diffusers-format text-to-image latent-diffusion folder, one code path for every model.
 
-One code path for every model: the shipped ToyWorld prior, SD-1.x/2.x from the Hub, or any local
-folder. `resolve_model` turns a preset name / path / hub id into a local folder; `load_components`
-reads `model_index.json` and loads each component with the class it names, from safetensors only
-(pickles need `allow_pickle=true`, and then load with `weights_only`).
+`resolve_model` turns a preset name, path or hub id into a local folder; `load_components` reads
+`model_index.json` and loads each component with the class it names, from safetensors only (pickles
+need `allow_pickle=true`, and then load with `weights_only`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from .config import CONFIG_DIR, load_yaml
+from .config import model_preset, model_presets
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -26,23 +25,17 @@ WEIGHTED = ("unet", "vae", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
-def model_presets() -> dict[str, dict]:
-    """Preset name -> its YAML (`configs/models/<name>.yaml`: `id:` a hub id, or `path:` inside this repo)."""
-    return {p.stem: load_yaml(p) for p in sorted((CONFIG_DIR / "models").glob("*.yaml"))}
-
-
 def resolve_model(name: str, revision: str | None = None) -> tuple[str, Path]:
     """`name` (preset, local folder or hub id) -> (id to record, local folder)."""
-    presets = model_presets()
-    if name in presets:
-        preset = presets[name]
-        if "path" in preset:  # a model shipped inside this repository (ToyWorld)
-            local = REPO_ROOT / preset["path"]
+    preset = model_preset(name)
+    if preset is not None:
+        if preset.path is not None:  # a model shipped inside this repository (ToyWorld)
+            local = REPO_ROOT / preset.path
             if not (local / "model_index.json").is_file():
                 raise UserError(f"model preset '{name}' expects {local}, which is missing; "
                                 f"train it with `python run.py train prior` or pass model=PATH")
             return name, local
-        name, revision = str(preset["id"]), preset.get("revision", revision)
+        name, revision = preset.id, preset.revision or revision
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -50,8 +43,15 @@ def resolve_model(name: str, revision: str | None = None) -> tuple[str, Path]:
         return str(path.resolve()), path
     if looks_like_hub_id(name):
         return name, download(name, revision)
-    known = ", ".join(presets) or "none"
+    known = ", ".join(model_presets()) or "none"
     raise UserError(f"unknown model '{name}': not a preset ({known}) and no such path exists")
+
+
+def preset_folder(model: str, key: str) -> str | None:
+    """A folder a model preset names (`motion:` or `interpolation:`), inside this repository, or None."""
+    preset = model_preset(model)
+    value = getattr(preset, key) if preset is not None else None
+    return str(REPO_ROOT / value) if value else None
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Option groups shared by every job's config (flat keys: `model=sd15 steps=20 seed=3`)."""
+"""Options every job shares (`model=sd15 steps=20 seed=3`), and the image job's. Torch-free, for a fast --help."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ from typing import Optional
 
 from .config import option
 from .errors import UserError
-from .runtime import DTYPES
 from .schedulers import BETA_SCHEDULES, SAMPLERS
+
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}  # our names -> torch's
 
 
 @dataclass
@@ -74,3 +76,34 @@ class SamplingOptions(PriorOptions):
                 raise UserError(f"{name}={value} is not a multiple of the VAE factor {factor}; "
                                 f"use {lower or upper} or {upper}")
         return height, width
+
+
+@dataclass
+class ImageConfig(SamplingOptions):
+    num_images: int = option(1, "images per prompt, generated in one batch")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_images < 1:
+            raise UserError(f"num_images must be at least 1, got {self.num_images}")
+
+
+@dataclass
+class TrainingOptions:
+    """Options every trainer shares: precision, accumulation, checkpoints, budget, seed, device, outputs."""
+
+    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
+    grad_accum: int = option(1, "gradient accumulation steps")
+    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
+    max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
+    seed: int = option(0, "seed for the data and every random draw")
+    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
+    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
+    save_to: Optional[str] = option(None, "also install the trained folder here (e.g. models/toyworld)")
+
+    def validate(self) -> None:
+        for name in ("grad_accum", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")

@@ -1,15 +1,12 @@
-"""The shared text-to-image latent-diffusion prior and its one small interface.
+"""The shared text-to-image latent-diffusion prior: the only door to the denoiser.
 
-Every job (image, video, 3D) talks to the pretrained model only through `Prior`:
+    text = prior.encode_prompt(["a red cube"], negative="")       # or prior.tokenize / prior.embed
+    eps  = prior.predict_noise(x_t, t, text, 7.5, denoiser=None)  # CFG in one batched call; always epsilon
+    x_t  = prior.add_noise(x0, noise, t); target = prior.training_target(x0, noise, t)  # eps, v or x0
+    z    = prior.encode_images(images);   images = prior.decode_latents(z)              # chunked VAE
 
-    text  = prior.encode_prompt(["a red cube"], negative="")        # Conditioning(cond, uncond)
-    eps   = prior.predict_noise(x_t, t, text, guidance=7.5)         # CFG in one batched UNet call
-    x_t   = prior.add_noise(x0, noise, t);  x0 = prior.to_x0(x_t, eps, t)
-    lat   = prior.encode_images(images);    images = prior.decode_latents(lat)   # chunked VAE
-
-It is the only module that knows about tokenizers, text encoders, VAEs, noise schedules and
-classifier-free guidance. `predict_noise` always returns epsilon, whatever the model predicts
-(epsilon or v), so samplers and SDS need not care.
+Only this module knows tokenizers, text encoders, VAEs, noise schedules, prediction types and
+guidance. A video job passes its inflated UNet as `denoiser`; nothing swaps modules inside the prior.
 """
 
 from __future__ import annotations
@@ -62,146 +59,26 @@ class Conditioning:
         return Conditioning(rep(self.cond), rep(self.uncond), rep(self.cond_words), rep(self.uncond_words))
 
 
-def embed_tokens(text_encoder, ids: torch.Tensor, mask: torch.Tensor | None = None,
-                 words: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Token ids -> the encoder's last hidden states (what the UNet cross-attends to) and, with
-    `words`, its first hidden states (the token + position embeddings; see `Conditioning`)."""
-    out = text_encoder(ids, attention_mask=mask, output_hidden_states=words)
-    return out[0], (out.hidden_states[0] if words else None)
+def tokenize(tokenizer, texts: list[str]):
+    """The tokenizer's encoding of `texts` as the text encoder was trained: padded to its length, truncated."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt")
 
 
-class Prior:
-    def __init__(self, components: dict, device: torch.device, dtype: torch.dtype,
-                 beta_schedule: str | None = None, model_id: str = "", path: Path | None = None):
-        self.device, self.dtype = device, dtype
-        self.model_id, self.path = model_id, path
-        self.tokenizer = components["tokenizer"]
-        self.text_encoder = components["text_encoder"].to(device, dtype).eval().requires_grad_(False)
-        self.unet = components["unet"].to(device, dtype).eval().requires_grad_(False)
-        self.vae = components["vae"].to(device, dtype).eval().requires_grad_(False)
-        self.noise_config = beta_schedule_config(components["scheduler"].config, beta_schedule)
+class NoiseSchedule:
+    """The training noise schedule of a diffusers scheduler config: alpha_bar(t), noising, targets."""
+
+    def __init__(self, noise_config: dict, device: torch.device | str = "cpu"):
+        from diffusers import DDPMScheduler
+
+        self.noise_config, self.device = dict(noise_config), torch.device(device)
         self.prediction_type = self.noise_config.get("prediction_type", "epsilon")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UserError(f"unsupported prediction_type '{self.prediction_type}' in the model's scheduler config")
-        # The training noise schedule: alpha_bar(t) for integer t, interpolated for fractional t (Euler).
-        from diffusers import DDPMScheduler
-
+        # alpha_bar(t) for integer t, interpolated for fractional t (Euler)
         self.alphas_cumprod = DDPMScheduler.from_config(self.noise_config).alphas_cumprod.to(device, torch.float32)
         self.num_train_timesteps = len(self.alphas_cumprod)
-        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.latent_channels = self.unet.config.in_channels
-        self.scaling_factor = self.vae.config.scaling_factor
-        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
 
-    # ----------------------------------------------------------------------------------------- loading
-    @classmethod
-    def from_pretrained(cls, model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                        allow_pickle: bool = False, beta_schedule: str | None = None,
-                        revision: str | None = None) -> "Prior":
-        """Load any diffusers-format text-to-image folder, preset name or hub id."""
-        model_id, path = resolve_model(model, revision)
-        index = check_folder(path, allow_pickle)
-        components = load_components(path, index, allow_pickle)
-        return cls(components, torch.device(device), dtype, beta_schedule, model_id, path)
-
-    @classmethod
-    def from_options(cls, cfg, device: torch.device | None = None, speed_up: bool = True) -> "Prior":
-        """The prior a job's `PriorOptions` name, on `device` (default: cfg.device) in cfg.dtype, with the
-        fast path those options switch on (`speed_up`; a job that wraps the UNet first calls it itself)."""
-        from .runtime import pick_device, pick_dtype
-
-        device = pick_device(cfg.device) if device is None else device
-        prior = cls.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
-                                    cfg.beta_schedule, cfg.revision)
-        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile, cfg.cuda_graphs) if speed_up else prior
-
-    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None, compile: bool = False,
-                 cuda_graphs: bool = False) -> "Prior":
-        """The fast path, the same maths, on whatever the UNet now is (an AnimateDiff UNet's motion modules
-        included; our temporal attention is torch's MultiheadAttention, one q/k/v matmul already): one q/k/v
-        matmul per diffusers attention (its fused projections and processor), on CUDA by default
-        channels_last convolutions, and with `compile` the UNet compiled in place by torch.compile for
-        static shapes, its kernels kept in a cache on disk (`compile_cache_dir`) so a second run skips
-        the code generation; with `cuda_graphs` on CUDA, in torch.compile's reduce-overhead mode, which
-        records each shape's kernels once as a CUDA graph and replays it (the SDS step's shapes never change)."""
-        from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
-
-        for module in (self.unet, self.vae):
-            if fuse_qkv:
-                for attn in module.modules():
-                    if isinstance(attn, Attention) and type(attn.processor) is AttnProcessor2_0:
-                        attn.fuse_projections()
-                        attn.set_processor(FusedAttnProcessor2_0())
-            if channels_last if channels_last is not None else self.device.type == "cuda":
-                module.to(memory_format=torch.channels_last)
-        if compile:
-            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_cache_dir()):  # unset, or torch's own /tmp one
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
-            mode = "reduce-overhead" if cuda_graphs and self.device.type == "cuda" else None
-            self.unet.compile(dynamic=False, mode=mode)
-        return self
-
-    def content_hash(self) -> str:
-        return content_hash(self.path) if self.path is not None else ""
-
-    @property
-    def default_size(self) -> int:
-        """The resolution the model was trained at (UNet sample size times the VAE factor)."""
-        size = self.unet.config.sample_size
-        return (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_scale_factor
-
-    # ------------------------------------------------------------------------------------------- text
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | str, negative: list[str] | str | None = None,
-                      words: bool = False) -> Conditioning:
-        """Embed prompts and negative prompts (default: the empty prompt) as the model was trained;
-        `words` also returns the word embeddings (for video UNets, see `Conditioning`)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        negative = negative or ""
-        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-        if len(negative) != len(prompts):
-            raise UserError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
-        (cond, cond_words), (uncond, uncond_words) = self._embed(prompts, True, words), self._embed(negative, False, words)
-        return Conditioning(cond, uncond, cond_words, uncond_words)
-
-    def _embed(self, texts: list[str], warn: bool, words: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        tok = self.tokenizer
-        inputs = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        if warn:
-            self._warn_truncated(texts, inputs.input_ids)
-            self._warn_unknown_words(texts)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = inputs.attention_mask.to(self.device)
-        states, word_states = embed_tokens(self.text_encoder, inputs.input_ids.to(self.device), mask, words)
-        return states.to(self.dtype), (None if word_states is None else word_states.to(self.dtype))
-
-    def _warn_truncated(self, texts: list[str], ids: torch.Tensor) -> None:
-        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] <= ids.shape[-1]:
-            return
-        for row in full[:, self.tokenizer.model_max_length - 1 : -1]:
-            cut = self.tokenizer.decode(row, skip_special_tokens=True).strip()
-            if cut:
-                logger.warning("prompt longer than %d tokens was truncated; dropped: %r",
-                               self.tokenizer.model_max_length, cut)
-
-    def _warn_unknown_words(self, texts: list[str]) -> None:
-        """Closed-vocabulary tokenizers (the embedded ToyWorld model) map unknown words to <unk>: say which."""
-        unk = self.tokenizer.unk_token
-        if unk is None or unk not in self.tokenizer.get_vocab():
-            return
-        words = {w for text in texts for w in text.replace(",", " ").split()}
-        unknown = sorted(w for w in words if unk in self.tokenizer.tokenize(w))
-        if not unknown:
-            return
-        vocab = sorted(w for w in self.tokenizer.get_vocab() if w.isalnum() and w not in self.tokenizer.all_special_tokens)
-        known = f" It knows: {', '.join(vocab)}." if len(vocab) <= 300 else ""
-        logger.warning("the model %s does not know the word(s) %s; they are ignored.%s For open-vocabulary prompts "
-                       "use a real checkpoint: model=sd15, model=sd21-base or model=PATH to a diffusers folder.",
-                       self.model_id or "", ", ".join(repr(w) for w in unknown), known)
-
-    # ------------------------------------------------------------------------------- noise schedule
     def alpha_sigma(self, t: torch.Tensor | float | int, ndim: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t), shaped to broadcast over an `ndim`-D batch."""
         t = torch.as_tensor(t, device=self.device, dtype=torch.float32).clamp(0, self.num_train_timesteps - 1)
@@ -230,18 +107,162 @@ class Prior:
         a, s = self.alpha_sigma(t, x_t.ndim)
         return s * x_t + a * v
 
-    def v_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-        a, s = self.alpha_sigma(t, x_t.ndim)
-        return (eps - s * x_t) / a
+    def training_target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """What the denoiser learns to output for x_t = add_noise(x0, noise, t): epsilon, v = a*eps - s*x0
+        (Salimans & Ho 2022) or x0, as the model's scheduler config says."""
+        if self.prediction_type == "v_prediction":
+            a, s = self.alpha_sigma(t, x0.ndim)
+            return a * noise - s * x0
+        return x0 if self.prediction_type == "sample" else noise
+
+    def to_eps(self, x_t: torch.Tensor, out: torch.Tensor, t) -> torch.Tensor:
+        """The denoiser's output, whatever it predicts, as epsilon."""
+        if self.prediction_type == "v_prediction":
+            return self.eps_from_v(x_t, out, t)
+        if self.prediction_type == "sample":
+            return self.eps_from_x0(x_t, out, t)
+        return out
+
+
+class Prior(NoiseSchedule):
+    def __init__(self, components: dict, device: torch.device, dtype: torch.dtype,
+                 beta_schedule: str | None = None, model_id: str = "", path: Path | None = None):
+        self.device, self.dtype = device, dtype
+        self.model_id, self.path = model_id, path
+        self.tokenizer = components["tokenizer"]
+        self.text_encoder = components["text_encoder"].to(device, dtype).eval().requires_grad_(False)
+        self.unet = components["unet"].to(device, dtype).eval().requires_grad_(False)
+        self.vae = components["vae"].to(device, dtype).eval().requires_grad_(False)
+        super().__init__(beta_schedule_config(components["scheduler"].config, beta_schedule), device)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_channels = self.unet.config.in_channels
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.shift_factor = getattr(self.vae.config, "shift_factor", None) or 0.0
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, model: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        allow_pickle: bool = False, beta_schedule: str | None = None,
+                        revision: str | None = None) -> "Prior":
+        """Load any diffusers-format text-to-image folder, preset name or hub id."""
+        model_id, path = resolve_model(model, revision)
+        index = check_folder(path, allow_pickle)
+        components = load_components(path, index, allow_pickle)
+        return cls(components, torch.device(device), dtype, beta_schedule, model_id, path)
+
+    @classmethod
+    def from_options(cls, cfg, device: torch.device | None = None, speed_up: bool = True) -> "Prior":
+        """The prior a job's `PriorOptions` name, on `device` (default: cfg.device) in cfg.dtype, with the
+        fast path those options switch on (`speed_up`; a job that wraps the UNet first calls it itself)."""
+        from .runtime import pick_device, pick_dtype
+
+        device = pick_device(cfg.device) if device is None else device
+        prior = cls.from_pretrained(cfg.model, device, pick_dtype(cfg.dtype, device), cfg.allow_pickle,
+                                    cfg.beta_schedule, cfg.revision)
+        return prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile, cfg.cuda_graphs) if speed_up else prior
+
+    def speed_up(self, fuse_qkv: bool = True, channels_last: bool | None = None, compile: bool = False,
+                 cuda_graphs: bool = False, denoiser: torch.nn.Module | None = None) -> "Prior":
+        """The fast path, the same maths, on the VAE and `denoiser` (default: the prior's UNet; a video UNet
+        shares the prior's spatial layers): one q/k/v matmul per diffusers attention, channels_last
+        convolutions (default: on CUDA), and with `compile` the denoiser compiled in place for static
+        shapes, its kernels cached on disk (`compile_cache_dir`); `cuda_graphs` replays them as CUDA graphs
+        (torch.compile's reduce-overhead mode)."""
+        from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
+
+        denoiser = self.unet if denoiser is None else denoiser
+        for module in (denoiser, self.vae):
+            if fuse_qkv:
+                for attn in module.modules():
+                    if isinstance(attn, Attention) and type(attn.processor) is AttnProcessor2_0:
+                        attn.fuse_projections()
+                        attn.set_processor(FusedAttnProcessor2_0())
+            if channels_last if channels_last is not None else self.device.type == "cuda":
+                module.to(memory_format=torch.channels_last)
+        if compile:
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, _torch_cache_dir()):  # unset, or torch's own /tmp one
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
+            mode = "reduce-overhead" if cuda_graphs and self.device.type == "cuda" else None
+            denoiser.compile(dynamic=False, mode=mode)
+        return self
+
+    def content_hash(self) -> str:
+        return content_hash(self.path) if self.path is not None else ""
+
+    @property
+    def default_size(self) -> int:
+        """The resolution the model was trained at (UNet sample size times the VAE factor)."""
+        size = self.unet.config.sample_size
+        return (size[0] if isinstance(size, (list, tuple)) else size) * self.vae_scale_factor
+
+    # ------------------------------------------------------------------------------------------- text
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str] | str, negative: list[str] | str | None = None,
+                      words: bool = False) -> Conditioning:
+        """Embed prompts and negative prompts (default: the empty prompt) as the model was trained;
+        `words` also returns the word embeddings (for video UNets, see `Conditioning`)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negative = negative or ""
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+        if len(negative) != len(prompts):
+            raise UserError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
+        (cond, cond_words), (uncond, uncond_words) = self._embed(prompts, True, words), self._embed(negative, False, words)
+        return Conditioning(cond, uncond, cond_words, uncond_words)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids (B, L), padded and truncated to the text encoder's length, on the CPU."""
+        return tokenize(self.tokenizer, texts).input_ids
+
+    def embed(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
+              words: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids -> the encoder's last hidden states (what the UNet cross-attends to) and, with
+        `words`, its first hidden states (token + position embeddings; see `Conditioning`)."""
+        out = self.text_encoder(ids.to(self.device), attention_mask=mask, output_hidden_states=words)
+        return out[0], (out.hidden_states[0] if words else None)
+
+    def _embed(self, texts: list[str], warn: bool, words: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        inputs = tokenize(self.tokenizer, texts)
+        if warn:
+            self._warn_truncated(texts, inputs.input_ids)
+            self._warn_unknown_words(texts)
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = inputs.attention_mask.to(self.device)
+        states, word_states = self.embed(inputs.input_ids, mask, words)
+        return states.to(self.dtype), (None if word_states is None else word_states.to(self.dtype))
+
+    def _warn_truncated(self, texts: list[str], ids: torch.Tensor) -> None:
+        full = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] <= ids.shape[-1]:
+            return
+        for row in full[:, self.tokenizer.model_max_length - 1 : -1]:
+            cut = self.tokenizer.decode(row, skip_special_tokens=True).strip()
+            if cut:
+                logger.warning("prompt longer than %d tokens was truncated; dropped: %r",
+                               self.tokenizer.model_max_length, cut)
+
+    def _warn_unknown_words(self, texts: list[str]) -> None:
+        """Closed-vocabulary tokenizers (the embedded ToyWorld model) map unknown words to <unk>: say which."""
+        unk = self.tokenizer.unk_token
+        if unk is None or unk not in self.tokenizer.get_vocab():
+            return
+        words = {w for text in texts for w in text.replace(",", " ").split()}
+        unknown = sorted(w for w in words if unk in self.tokenizer.tokenize(w))
+        if not unknown:
+            return
+        vocab = sorted(w for w in self.tokenizer.get_vocab() if w.isalnum() and w not in self.tokenizer.all_special_tokens)
+        known = f" It knows: {', '.join(vocab)}." if len(vocab) <= 300 else ""
+        logger.warning("the model %s does not know the word(s) %s; they are ignored.%s For open-vocabulary prompts "
+                       "use a real checkpoint: model=sd15, model=sd21-base or model=PATH to a diffusers folder.",
+                       self.model_id or "", ", ".join(repr(w) for w in unknown), known)
 
     # ----------------------------------------------------------------------------------------- UNet
     def predict_noise(self, x_t: torch.Tensor, t, text: Conditioning, guidance: float,
-                      **unet_kwargs) -> torch.Tensor:
-        """Guided epsilon: eps_u + guidance * (eps_c - eps_u), both halves in ONE UNet call.
-
-        guidance == 1 is plain conditional prediction (no unconditional half is run).
-        `t` is a scalar or one timestep per sample. Returns float32 like `x_t`.
-        """
+                      denoiser: torch.nn.Module | None = None, **unet_kwargs) -> torch.Tensor:
+        """Guided epsilon eps_u + guidance (eps_c - eps_u), both halves in one call of `denoiser` (default: the
+        prior's UNet; a video UNet takes (b, c, f, h, w)). guidance 1 runs the conditional half alone.
+        `t` is a scalar or one timestep per sample; returns float32."""
+        denoiser = self.unet if denoiser is None else denoiser
         cfg = guidance != 1.0
         x_in = torch.cat([x_t, x_t]) if cfg else x_t
         emb = torch.cat([text.uncond, text.cond]) if cfg else text.cond
@@ -249,19 +270,12 @@ class Prior:
         t_in = torch.cat([t, t]) if cfg and t.ndim == 1 else t
         if text.cond_words is not None:  # a video UNet whose temporal layers read the word embeddings
             unet_kwargs["words"] = torch.cat([text.uncond_words, text.cond_words]) if cfg else text.cond_words
-        out = self.unet(x_in.to(self.dtype), t_in, encoder_hidden_states=emb, **unet_kwargs).sample.float()
-        out = self._to_eps(x_in.float(), out, t_in)
+        out = denoiser(x_in.to(self.dtype), t_in, encoder_hidden_states=emb, **unet_kwargs).sample.float()
+        out = self.to_eps(x_in.float(), out, t_in)
         if not cfg:
             return out
         eps_uncond, eps_cond = out.chunk(2)
         return eps_uncond + guidance * (eps_cond - eps_uncond)
-
-    def _to_eps(self, x_t: torch.Tensor, out: torch.Tensor, t) -> torch.Tensor:
-        if self.prediction_type == "v_prediction":
-            return self.eps_from_v(x_t, out, t)
-        if self.prediction_type == "sample":
-            return self.eps_from_x0(x_t, out, t)
-        return out
 
     # ------------------------------------------------------------------------------------------ VAE
     def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None,

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
@@ -26,12 +25,11 @@ import torch
 import yaml
 
 from .errors import UserError
+from .options import DTYPES
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -59,35 +57,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "mps" else torch.float32
     if name not in DTYPES:
         raise UserError(f"unknown dtype '{name}': use auto, fp32, fp16 or bf16")
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def slugify(text: str, max_len: int = 48) -> str:
     """A file-name-safe slug: lowercase [a-z0-9-], no separators, no '..', bounded length."""
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
     return slug or "untitled"
-
-
-def make_run_dir(out: str | Path, job: str, prompt: str) -> Path:
-    """Create a fresh run directory; never reuses an existing one."""
-    root = Path(out) / job
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
-    if not os.access(root, os.W_OK):
-        raise UserError(f"output directory {root} is not writable; pass --out DIR with a writable DIR")
-    stem = f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(prompt)}"
-    for i in range(1, 10_000):
-        path = root / (stem if i == 1 else f"{stem}-{i}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
-    raise UserError(f"too many runs named {stem} in {root}")
 
 
 @contextmanager
@@ -130,13 +106,6 @@ def write_json(path: str | Path, data) -> None:
 
 def write_yaml(path: str | Path, data) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False))
-
-
-def save_image(path: str | Path, image) -> None:
-    """Save a PIL image atomically (format from the final name's suffix)."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"))
 
 
 def versions() -> dict:

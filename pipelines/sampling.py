@@ -1,4 +1,4 @@
-"""The denoising loop every sampling job shares (images now, videos on the same prior later)."""
+"""The denoising loop every sampling job shares: images, videos (with a video UNet as the denoiser), evals."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def initial_noise(shape: tuple[int, ...], generator: torch.Generator, device: to
 def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str, steps: int, guidance: float,
            generator: torch.Generator | None = None, progress: bool = True,
            given: tuple[torch.Tensor, torch.Tensor] | None = None, init: torch.Tensor | None = None,
-           strength: float = 1.0, **unet_kwargs) -> torch.Tensor:
+           strength: float = 1.0, denoiser: torch.nn.Module | None = None, **unet_kwargs) -> torch.Tensor:
     """Denoise unit-variance noise `latents` into clean latents with a diffusers scheduler.
 
     1. build the scheduler on the prior's noise schedule, 2. scale the noise to the first sigma,
@@ -29,6 +29,7 @@ def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str
     (the replacement method of Ho et al. 2022, "Video Diffusion Models", sec. 3.1).
     `init` and `strength` < 1 (SDEdit, as diffusers' img2img pipelines do it): start from `init` noised with
     `latents` to the step `strength` of the way up the schedule, and run only the steps from there.
+    `denoiser` (default: the prior's UNet) is what `prior.predict_noise` calls.
     """
     # 1. Scheduler
     scheduler = make_scheduler(sampler, prior.noise_config)
@@ -50,6 +51,6 @@ def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str
                                          t.reshape(1))
             latents = torch.where(mask.bool(), noised.to(latents.dtype), latents)
         x_in = scheduler.scale_model_input(latents, t)
-        eps = prior.predict_noise(x_in, t, text, guidance, **unet_kwargs)
+        eps = prior.predict_noise(x_in, t, text, guidance, denoiser=denoiser, **unet_kwargs)
         latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
     return latents

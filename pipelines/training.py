@@ -10,37 +10,16 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import build, job_defaults, load_yaml, option, to_dict
+from .config import changed, job_defaults
 from .errors import UserError
-from .runtime import atomic_path, command_line, make_run_dir, write_json, write_yaml
+from .rundir import RunDir
+from .runtime import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainingOptions:
-    """Options every trainer shares: precision, accumulation, checkpoints, budget, seed, device, outputs."""
-
-    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
-    grad_accum: int = option(1, "gradient accumulation steps")
-    checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
-    max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
-    seed: int = option(0, "seed for the data and every random draw")
-    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
-    resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
-    save_to: Optional[str] = option(None, "also install the trained folder here (e.g. models/toyworld)")
-
-    def validate(self) -> None:
-        for name in ("grad_accum", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
 
 
 def step_generator(seed: int, stage: str, step: int, process: int) -> torch.Generator:
@@ -55,24 +34,17 @@ def mixed_precision(name: str, device: str) -> str:
     return "bf16" if device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def open_run(cls: type, preset_name: str, cfg, out: str | Path, name: str):
-    """A new run directory, or the one named by `cfg.resume`: its saved config plus the options this
-    command changed from the preset (so `resume=RUN unet_steps=50000` trains on to 50k steps)."""
+def open_run(cfg, out: str | Path, name: str) -> tuple[RunDir, object]:
+    """A new run folder OUT/train/<time>-<name>, or the one `cfg.resume` names with its saved options plus
+    those this command changed (`resume=RUN unet_steps=50000` trains on to 50k steps; `arch.` is fixed)."""
     if cfg.resume is None:
-        run_dir = make_run_dir(out, "train", name)
-        write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
-        return run_dir, cfg
-    run_dir = Path(cfg.resume)
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"resume={run_dir} is not a train run directory (no config.yaml)")
-    saved = load_yaml(run_dir / "config.yaml")
-    saved.pop("command", None)
-    defaults = to_dict(job_defaults(cls, preset_name))
-    changed = {k: v for k, v in to_dict(cfg).items() if v != defaults.get(k) and k != "arch"}
-    resumed = build(cls, {**saved, **changed})
-    resumed.validate()
-    write_yaml(run_dir / "config.yaml", {**to_dict(resumed), "command": command_line()})
-    return run_dir, resumed
+        run = RunDir.create(out, "train", name)
+        run.write_config(cfg)
+        return run, cfg
+    run = RunDir.existing(cfg.resume, "train")
+    resumed = run.resumed(type(cfg), changed(cfg, job_defaults(type(cfg))), free=lambda key: not key.startswith("arch."))
+    run.write_config(resumed)
+    return run, resumed
 
 
 @dataclass

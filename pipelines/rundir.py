@@ -1,0 +1,103 @@
+"""One run's folder: `OUT/<job>/<YYYYmmdd-HHMMSS>-<slug>/`, its config.yaml and metadata.json.
+
+A folder is created exclusively (a second run of the same name gets `-2`, `-3`, ...), so nothing is
+ever overwritten; every file in it is written to a temp name and renamed. `resumed` is the one rule
+by which a run continues with the options it was made with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from .config import build, flatten, load_yaml, to_dict, unflatten
+from .errors import UserError
+from .runtime import command_line, slugify, versions, write_json, write_text, write_yaml
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, out: str | Path, job: str, name: str) -> RunDir:
+        """A fresh folder OUT/job/<time>-<slug of name>; never an existing one."""
+        root = Path(out) / job
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
+        if not os.access(root, os.W_OK):
+            raise UserError(f"output directory {root} is not writable; pass --out DIR with a writable DIR")
+        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(name)}"
+        for i in range(1, 10_000):
+            path = root / (stem if i == 1 else f"{stem}-{i}")
+            try:
+                path.mkdir()
+                return cls(path)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
+        raise UserError(f"too many runs named {stem} in {root}")
+
+    @classmethod
+    def existing(cls, path: str | Path, job: str) -> RunDir:
+        """A run folder made earlier (it has a config.yaml), or one line saying it is not one."""
+        run = cls(path)
+        if not (run / "config.yaml").is_file():
+            raise UserError(f"{run.path} is not a {job} run directory (no config.yaml)")
+        return run
+
+    # ------------------------------------------------------------------------------------ records
+    def write_config(self, cfg, **extra) -> None:
+        """config.yaml: the resolved options, what else the run needs to be repeated, and the command line."""
+        write_yaml(self / "config.yaml", {**to_dict(cfg), **extra, "command": command_line()})
+
+    def config(self) -> dict:
+        """config.yaml as written, without the command line."""
+        saved = load_yaml(self / "config.yaml")
+        saved.pop("command", None)
+        return saved
+
+    def write_metadata(self, **fields) -> None:
+        """metadata.json: what the job reports, plus package versions and the command line."""
+        write_json(self / "metadata.json", {**fields, "versions": versions(), "command": command_line()})
+
+    def metadata(self) -> dict:
+        path = self / "metadata.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def write_json(self, name: str, data) -> Path:
+        write_json(self / name, data)
+        return self / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        write_text(self / name, text)
+        return self / name
+
+    # ------------------------------------------------------------------------------------- resume
+    def resumed(self, cls: type, given: dict, free: Callable[[str], bool] = lambda key: True):
+        """The options to continue this run with: those saved in config.yaml, with each option `given` now
+        (dotted keys, as `config.changed` gives them) for which `free(key)` holds; a given option that may not
+        change and differs from the saved one is an error."""
+        saved = flatten(self.config())
+        saved.pop("prompt", None)
+        for key, value in given.items():
+            if not free(key) and value != saved.get(key):
+                raise UserError(f"--resume {self.path}: the run was made with {key}={saved.get(key)}, not "
+                                f"{key}={value}; drop the override or start a new run")
+        resumed = build(cls, unflatten({**saved, **{k: v for k, v in given.items() if free(k)}}))
+        if hasattr(resumed, "validate"):
+            resumed.validate()
+        return resumed
+

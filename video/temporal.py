@@ -1,51 +1,12 @@
 """Temporal layers that inflate the prior's 2D UNet into a video UNet (Make-A-Video, Singer et al. 2022).
 
-The spatial UNet is left untouched: a forward hook after every ResnetBlock2D applies a pseudo-3D
-convolution over frames, and a hook after every Transformer2DModel applies temporal self-attention.
-Frames are folded into the batch, `(b f) c h w`, as the spatial layers expect; each temporal layer
-unfolds them to attend or convolve over `f`.
-
-Both kinds start as the identity (a dirac-initialised 1D convolution, a zero-initialised attention
-output), so a freshly inflated UNet on F frames equals the image UNet on each frame (tests hold it).
-
-Temporal self-attention alone never sees the prompt, and the spatial layers were trained on still
-images, so motion words ("moving left") would reach nothing that moves things. Each temporal layer
-therefore also receives a conditioning vector: the prompt's token states, attention-pooled by learned
-queries, plus an embedding of the clip's frame rate (Make-A-Video's fps conditioning). It is added to
-the attention's tokens and scales and shifts the convolution's input (FiLM, Perez et al. 2018).
-
-A text encoder trained only with still images keeps only what changes images: the ToyWorld encoder's
-last states for "a red ball moving left" and "... moving right" differ by 0.9 (norm 11), two colours by
-7; its first states (token + position embeddings) differ by 10.5 for left/right, as for colours. With
-`word_states` the pooled tokens are therefore the last states and these word embeddings side by side
-(`Conditioning.cond_words`), so a motion word reaches the temporal layers whatever the encoder made of it.
-
-A 1D convolution over frames sees one pixel at a time, and so does attention over frames; with the
-spatial layers frozen, nothing could carry content from one pixel to its neighbour between frames,
-which is what motion is. Each pseudo-3D convolution therefore has a second, zero-initialised branch:
-a depthwise (channel-wise) 3D convolution over (frames, height, width), 27 weights per channel.
-
-Which way it moves content must follow the prompt. One shared kernel behind the FiLM gate learns that
-badly: the kernel starts at zero, so at first the gate gets no gradient through it, and the kernel
-learns the average over the training clips, in which "left" cancels "right". With `shift_rank` = r the
-kernel is therefore made per clip: the shared kernel plus a mix of r zero-initialised basis kernels,
-weighted by a (random-initialised) linear map of the conditioning vector. A basis kernel's gradient is
-then the correlation of its weight with each clip's own best kernel, non-zero from the first step.
-
-A kernel per clip is the same for every frame, so frames that all show the object in the same place
-stay in the same place: it can carry motion the noisy frames already show, not start it. Yet at the
-noisy steps where a clip's layout is decided, each frame must be told where it lies on the prompt's
-path (ToyWorld's clips are centred on their midpoint: "moving left" puts the object right of centre in
-the first frame, left of it in the last). With `drift` each pseudo-3D convolution also moves its input
-by a prompt-chosen velocity times the frame's time tau from the clip's centre (seconds), to first
-order: x + tau (v_x dx/dx + v_y dx/dy), the derivatives fixed central differences, v = (v_x, v_y) per
-channel a zero-initialised linear map of the conditioning. Its gradient is at once the regression of
-"which way each frame's content should go" on the prompt, with no kernel to discover first. Tau is
-clamped to `time_range` seconds, the half span of the training clips, so long videos never drift
-further than training saw.
-
-The temporal layers are one `TemporalLayers` module with its own state dict, saved as its own
-safetensors file; `freeze_spatial()` leaves only them trainable.
+After every ResnetBlock2D a pseudo-3D convolution over frames, after every Transformer2DModel a temporal
+self-attention, attached by forward hooks to the unchanged spatial UNet; frames are folded into the
+batch, `(b f) c h w`. Both start as the identity (a dirac 1D convolution, zero-initialised outputs and
+branches), so a fresh video UNet on F frames is the image UNet on each frame. Each layer also reads the
+prompt and the clip's frame rate, and the convolution has prompt-chosen branches that move content
+(`shift_rank`, `drift`); docs/video.md explains why each is there. The layers are one module with their
+own weights (temporal_layers.safetensors).
 """
 
 from __future__ import annotations
@@ -60,24 +21,22 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .config import LayerOptions
+
 WEIGHTS_NAME = "temporal_layers.safetensors"
 CONFIG_NAME = "temporal_config.json"
 
 
-@dataclass
-class TemporalConfig:
-    """Sizes of the temporal layers (saved next to their weights)."""
+@dataclass(kw_only=True)
+class TemporalConfig(LayerOptions):
+    """Sizes of the temporal layers (saved next to their weights): a training run's `layers.` options and these."""
 
     text_dim: int  # width of the prior's text embeddings
-    cond_dim: int = 128  # width of the fps + pooled-text conditioning vector
     kernel_size: int = 3  # frames the pseudo-3D convolution sees
     heads: int = 4  # temporal attention heads (reduced for narrow blocks)
     max_frames: int = 64  # length of the fixed sinusoidal position table
     window: int = 16  # frames attended together; longer clips use overlapping windows (FreeNoise)
     text_queries: int = 4  # learned queries that attention-pool the prompt's token states
-    word_states: bool = False  # also pool the text encoder's word embeddings (its first hidden states)
-    shift_rank: int = 0  # basis kernels of the per-clip (conditioned) depthwise 3D convolution; 0: one shared kernel
-    drift: bool = False  # move each frame's features by a prompt-chosen velocity x its time from the clip's centre
     time_range: float = 1.0  # seconds from the clip's centre beyond which tau is clamped (the training clips' half span)
 
 
@@ -101,10 +60,10 @@ def window_starts(frames: int, window: int) -> list[int]:
 
 
 class TemporalConv(nn.Module):
-    """Pseudo-3D convolution: a 1D convolution over frames at every pixel, dirac-initialised (identity),
-    on an input scaled and shifted by the clip's conditioning, plus a zero-initialised depthwise
-    (frames x 3 x 3) convolution that can move content between neighbouring pixels from frame to frame,
-    its kernel chosen per clip by the conditioning when `shift_rank` > 0 (module docstring)."""
+    """Pseudo-3D convolution: a dirac-initialised 1D convolution over frames at every pixel, on an input scaled
+    and shifted by the clip's conditioning (FiLM), plus a zero-initialised depthwise (frames x 3 x 3)
+    convolution that moves content between neighbouring pixels, its kernel chosen per clip when
+    `shift_rank` > 0, and with `drift` a first-order move by a prompt-chosen velocity (docs/video.md)."""
 
     def __init__(self, channels: int, kernel_size: int = 3, cond_dim: int | None = None, shift_rank: int = 0,
                  drift: bool = False):

@@ -1,19 +1,9 @@
-"""Turn a trained field into files: a density grid, a mesh (OBJ / GLB / PLY) and a turntable MP4.
+"""A trained field as files: a density grid, a mesh (OBJ / GLB / PLY) and turntable MP4s.
 
-DreamFusion (Poole et al. 2022, sec. 4) exports its NeRF the usual way: sample the density on a
-regular grid, run marching cubes (Lorensen & Cline 1987; here scikit-image's Lewiner et al. 2003
-variant) at an iso-level, clean the triangle soup up with trimesh, and colour each vertex with the
-field's albedo. Two things are ours:
-
-* the iso-level can be picked automatically, as the density level whose mesh silhouette best
-  matches the NeRF's own rendered silhouette (`auto_iso_level`), since raw NeRF densities have no
-  natural scale;
-* the turntable is drawn by a small plain-PyTorch z-buffer rasterizer (`render_mesh`), because no
-  OpenGL is available on the machines we target. It uses ToyWorld's camera convention and lighting
-  (`toyworld.render`), so a mesh turntable can be compared with the NeRF's and ToyWorld's renders.
-
-The field is duck-typed: `field.query_density(x (N, 3)) -> (N,)` non-negative density, and it lives in
-[-bound, bound]^3. Every file is written to a temp name and renamed (`pipelines.runtime.atomic_path`).
+Marching cubes (scikit-image's Lewiner variant) on a density grid at an iso-level, picked by default as the
+level whose mesh silhouette best matches the NeRF's rendered one (`auto_iso_level`); trimesh cleans the mesh
+and the field's albedo colours its vertices. `render_mesh` draws the mesh with a small plain-PyTorch
+z-buffer rasterizer (no OpenGL needed), with the shared cameras and ToyWorld's light. Writes are atomic.
 """
 
 from __future__ import annotations
@@ -29,12 +19,13 @@ from einops import rearrange
 from torch import Tensor
 
 from pipelines.errors import UserError
+from pipelines.geometry import AMBIENT, DIFFUSE, camera_frame, key_light, ray_aabb
 from pipelines.runtime import atomic_path
-from toyworld.render import AMBIENT, DIFFUSE, camera_frame
+
+from .config import MESH_FORMATS
 
 logger = logging.getLogger(__name__)
 
-MESH_FORMATS = ("obj", "glb", "ply")
 FALLBACK_AVAILABLE_BYTES = 4 * 2**30  # when /proc/meminfo cannot be read (macOS, Windows)
 MEMORY_FRACTION = 0.8  # of MemAvailable we allow export to use
 # Working memory, per voxel: the float32 grid and the padded float32 copy marching cubes reads.
@@ -110,10 +101,7 @@ def max_density_along_rays(field, origins: Tensor, dirs: Tensor, bound: float, s
     `auto_iso_level` (the NeRF-side input is the rendered opacity of the same rays).
     """
     out = torch.zeros(len(origins), device=origins.device)
-    safe = torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
-    t0, t1 = (-bound - origins) / safe, (bound - origins) / safe  # slab method, (N, 3) each
-    near = torch.minimum(t0, t1).amax(-1).clamp(min=0)
-    far = torch.maximum(t0, t1).amin(-1)
+    near, far = ray_aabb(origins, dirs, bound)
     s = (torch.arange(samples, device=origins.device) + 0.5) / samples  # (S,)
     with torch.no_grad():
         for i in range(0, len(origins), chunk):
@@ -258,20 +246,13 @@ def _write_obj(mesh: trimesh.Trimesh, path: Path) -> None:
         tmp.write_text(text)
 
 
-def write_turntable(path: str | Path, frames: Tensor, fps: float) -> Path:
-    """frames (F, 3, H, W) in [0, 1] -> H.264 MP4 (see `video.export.write_mp4`)."""
-    from video.export import write_mp4
-
-    return write_mp4(path, frames, fps)
-
-
 # ---------------------------------------------------------------- rasterizer
 
 def render_mesh(mesh: trimesh.Trimesh, azimuth_deg, elevation_deg, distance, fov_deg, size: int,
                 background: float = 0.92, max_candidates: int = 2**22) -> Tensor:
     """Draw a mesh from B cameras: (B, 3, size, size) in [0, 1]; pixels the mesh misses are `background`.
 
-    Cameras follow `toyworld.render.camera_frame` exactly (angles in degrees; scalars or (B,)).
+    Cameras are `pipelines.geometry.camera_frame`'s (angles in degrees; scalars or (B,)).
     Shading is ToyWorld's: vertex colour (perspective-correct interpolation) times
     AMBIENT + DIFFUSE * max(0, n . l), with the flat face normal n turned towards the camera and the
     light l above-left of the camera. Triangles crossing the camera plane are skipped.
@@ -287,7 +268,7 @@ def render_mesh(mesh: trimesh.Trimesh, azimuth_deg, elevation_deg, distance, fov
     normals = torch.nn.functional.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=-1)
     frames = []
     for b in range(len(az)):
-        light = torch.nn.functional.normalize(-forward[b] + 0.6 * up[b] - 0.4 * right[b], dim=0)
+        light = key_light(right[b:b + 1], up[b:b + 1], forward[b:b + 1])[0]
         screen, depth = _project(verts, eye[b], right[b], up[b], forward[b], half[b], size)
         face_id = _rasterize(screen, depth, faces, size, max_candidates)  # (H*W,)
         image = torch.full((size * size, 3), float(background))

@@ -1,58 +1,20 @@
 """Score distillation sampling (SDS, DreamFusion, Poole et al. 2022, eq. 3) from the shared prior.
 
-A render is encoded into the prior's latent space (latent SDS, as in Magic3D, Stable-DreamFusion and
-threestudio), noised to a random t, and denoised once with classifier-free guidance. The SDS gradient
-with respect to the latents is w(t) (eps_hat - eps); it is written as the reparameterised loss
-
-    target = (latents - grad).detach();  loss = 0.5 * ||latents - target||^2
-
-whose gradient is exactly `grad`, so autograd carries it through the VAE encoder into the renderer and
-the field, and no gradient ever flows through the UNet. `Prior.predict_noise` is the only call into the
-prior's denoiser.
-
-Perp-Neg (Armandpour et al. 2023) is an option against multi-faced ("Janus") assets: the other views'
-prompts are used as negatives, but only the part of their guidance direction perpendicular to the
-positive one is removed, so the negative never cancels the object itself.
+A render is encoded into the prior's latents (latent SDS, as Magic3D and threestudio), noised to a random
+t and denoised once with guidance through `Prior.predict_noise`; the gradient w(t) (eps_hat - eps) is
+written as threestudio's reparameterised loss `target = (latents - grad).detach()`, so no gradient flows
+through the UNet. Perp-Neg (Armandpour et al. 2023) removes only the perpendicular part of the other views'
+guidance directions, against multi-faced ("Janus") assets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import option
-from pipelines.errors import UserError
 from pipelines.prior import Conditioning, Prior
 
-WEIGHTINGS = ("sds", "uniform", "snr")
-
-
-@dataclass
-class GuidanceOptions:
-    guidance: float = option(100.0, "classifier-free guidance scale of SDS (DreamFusion uses 100)")
-    t_min: float = option(0.02, "smallest diffusion time sampled, as a fraction of the training steps")
-    t_max: float = option(0.98, "largest diffusion time sampled at the start")
-    t_max_end: Optional[float] = option(None, "anneal the largest time linearly to this by the last step (None: no annealing)")
-    weighting: str = option("sds", "w(t): sds (1 - alpha_bar, DreamFusion), uniform, or snr (sqrt(alpha_bar) * sigma)")
-    encode_size: Optional[int] = option(None, "renders are resized to this before the VAE encode (None: the prior's size; "
-                                              "SD recipes render 64-128 px and encode at 512)")
-    perp_neg: bool = option(False, "Perp-Neg: the other views' prompts as perpendicular negatives (against Janus faces)")
-    perp_neg_weight: float = option(1.0, "weight of each Perp-Neg negative direction")
-
-    def validate(self) -> None:
-        if not self.guidance >= 0 or self.guidance == float("inf"):
-            raise UserError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        t_end = self.t_max if self.t_max_end is None else self.t_max_end
-        if not 0 <= self.t_min < min(self.t_max, t_end) <= 1 or max(self.t_max, t_end) > 1:
-            raise UserError(f"need 0 <= t_min < t_max (and t_max_end) <= 1, got t_min={self.t_min}, "
-                            f"t_max={self.t_max}, t_max_end={self.t_max_end}")
-        if self.weighting not in WEIGHTINGS:
-            raise UserError(f"unknown weighting '{self.weighting}': choose one of {', '.join(WEIGHTINGS)}")
-        if self.encode_size is not None and self.encode_size < 8:
-            raise UserError(f"encode_size must be at least 8 pixels, got {self.encode_size}")
+from .config import GuidanceConfig
 
 
 def perpendicular(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -65,7 +27,7 @@ def perpendicular(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class SDS:
     """Latent score distillation from a frozen `Prior`."""
 
-    def __init__(self, prior: Prior, cfg: GuidanceOptions):
+    def __init__(self, prior: Prior, cfg: GuidanceConfig):
         self.prior, self.cfg = prior, cfg
         self.size = cfg.encode_size or prior.default_size
         abar = prior.alphas_cumprod
@@ -94,7 +56,7 @@ class SDS:
             if negatives:
                 eps_hat = self._perp_neg(x_t, t, text, negatives)
             else:
-                eps_hat = self.prior.predict_noise(x_t, t, text, self.cfg.guidance)
+                eps_hat = self.prior.predict_noise(x_t, t, text, self.cfg.scale)
             w = self.weights[t].view(-1, *([1] * (latents.ndim - 1)))
             return torch.nan_to_num(w * (eps_hat - noise))
 
@@ -106,7 +68,7 @@ class SDS:
         eps = self.prior.predict_noise(torch.cat([x_t] * k), torch.cat([t] * k), stacked, 1.0).chunk(k)
         eps_u, d_pos = eps[0], eps[1] - eps[0]
         d_neg = sum(perpendicular(e - eps_u, d_pos) for e in eps[2:])
-        return eps_u + self.cfg.guidance * (d_pos - self.cfg.perp_neg_weight * d_neg)
+        return eps_u + self.cfg.scale * (d_pos - self.cfg.perp_neg_weight * d_neg)
 
     def loss(self, images: torch.Tensor, text: Conditioning, progress: float, generator: torch.Generator,
              negatives: list[Conditioning] | None = None) -> tuple[torch.Tensor, dict]:

@@ -1,49 +1,25 @@
-"""Volume rendering of the field along rays: a plain-PyTorch batched renderer and a nerfacc one.
+"""Volume rendering of the field along rays: a plain-PyTorch batched renderer, and nerfacc's on CUDA.
 
-The maths is NeRF's quadrature (Mildenhall et al. 2020, eq. 3) as DreamFusion (Poole et al. 2022)
-uses it: for samples i along a ray with densities sigma_i over intervals delta_i,
-    alpha_i = 1 - exp(-sigma_i delta_i),   T_i = exp(-sum_{j<i} sigma_j delta_j),   w_i = T_i alpha_i,
-    rgb = sum_i w_i c_i + (1 - sum_i w_i) * background,   depth = sum_i w_i t_i,
-    normal = sum_i w_i n_i,   orientation = sum_i stopgrad(w_i) max(0, n_i . d)^2.
-The last is DreamFusion's orientation loss per ray (from Ref-NeRF, Verbin et al. 2022): it
-penalises visible normals that face away from the camera; the weights are detached as in
-DreamFusion and threestudio. T_i is the exclusive cumulative product of (1 - alpha_j), written
-as the exp of an exclusive cumulative sum, as nerfacc does (stable, and no cumprod-gradient
-division by zero).
-
-Rays are clipped to the field's cube [-bound, bound]^3; rays that miss it get opacity 0 and
-exactly the background colour.
-
-Two interchangeable renderers, picked once by `make_renderer` (both expose `render_rays`,
-also callable as the module function `render_rays(..., renderer=...)`):
-  * `BatchedRenderer` (CPU, any device): `samples_per_ray` equal intervals between each ray's
-    near and far, one sample per interval, jittered inside it when training (stratified).
-  * `NerfaccRenderer` (CUDA): nerfacc's occupancy grid (Li et al. 2023, "NerfAcc: Efficient
-    Sampling Accelerates NeRFs") marches fixed steps and skips empty cells; packed rendering.
-    nerfacc's compiled ops only run on CUDA, so it is imported only when this renderer is built.
-
-Like nerfacc and nerfstudio, a renderer takes callables and never imports a field class:
-  field(x) -> (density (N,), albedo (N, 3)); field.query_density(x) -> (N,);
-  field.normals(x, create_graph) -> (N, 3);
-  background(dirs (N, 3), train, generator) -> (N, 3);
-  shading_fn(albedo (M, 3), normals (M, 3) | None, points (M, 3), ray_index (M,)) -> rgb (M, 3),
-  where ray_index indexes the rays given to `render_rays` (e.g. to look up each ray's light).
+NeRF's quadrature (Mildenhall et al. 2020, eq. 3): w_i = T_i alpha_i, alpha_i = 1 - exp(-sigma_i delta_i),
+T_i = exp(-sum_{j<i} sigma_j delta_j); rgb, depth and normal are w-weighted sums plus (1 - sum w) background,
+and DreamFusion's orientation penalty is sum stopgrad(w_i) max(0, n_i . d)^2. Rays are clipped to the cube
+[-bound, bound]^3. As in nerfacc and nerfstudio, a renderer takes callables (the field, the background, a
+shading function) and never imports a field class. docs/3d.md has the design notes.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
 import torch
 from einops import einsum, rearrange, repeat
 from torch import Tensor
 
-from pipelines.config import option
 from pipelines.errors import UserError
+from pipelines.geometry import ray_aabb
 
-RENDERERS = ("auto", "batched", "nerfacc")
+from .config import RenderConfig
+
 OUTPUTS = {"rgb": 3, "opacity": 1, "depth": 1, "normal": 3, "orientation": 0}  # channels (0: per-ray scalar)
 
 ShadingFn = Callable[[Tensor, Optional[Tensor], Tensor, Tensor], Tensor]
@@ -57,49 +33,6 @@ class Field(Protocol):
 
 class BackgroundFn(Protocol):
     def __call__(self, dirs: Tensor, train: bool, generator: torch.Generator | None) -> Tensor: ...
-
-
-@dataclass
-class RenderConfig:
-    """How rays are sampled and composited."""
-
-    samples_per_ray: int = option(64, "batched renderer: samples per ray inside the cube")
-    stratified: bool = option(True, "jitter sample positions in training (never at evaluation)")
-    grid_resolution: int = option(64, "nerfacc: occupancy grid cells per axis")
-    grid_update_every: int = option(16, "nerfacc: update the occupancy grid every this many steps")
-    occupancy_threshold: float = option(0.01, "nerfacc: a cell is occupied when density * step exceeds this")
-    alpha_threshold: float = option(0.0, "skip samples whose alpha is below this (0 keeps all)")
-    render_step_size: Optional[float] = option(None, "nerfacc: marching step (default 2 sqrt(3) bound / samples_per_ray)")
-    renderer: str = option("auto", "auto (nerfacc on CUDA, batched otherwise), batched or nerfacc")
-
-    def validate(self) -> None:
-        for name in ("samples_per_ray", "grid_resolution", "grid_update_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.occupancy_threshold < 0:
-            raise UserError(f"occupancy_threshold must be >= 0, got {self.occupancy_threshold}")
-        if not 0 <= self.alpha_threshold < 1:
-            raise UserError(f"alpha_threshold must be in [0, 1), got {self.alpha_threshold}")
-        if self.render_step_size is not None and not self.render_step_size > 0:
-            raise UserError(f"render_step_size must be positive, got {self.render_step_size}")
-        if self.renderer not in RENDERERS:
-            raise UserError(f"unknown renderer '{self.renderer}': choose one of {', '.join(RENDERERS)}")
-
-    def step_size(self, bound: float) -> float:
-        """nerfacc's marching step: the cube's diagonal split into samples_per_ray steps by default."""
-        return self.render_step_size or 2 * math.sqrt(3) * bound / self.samples_per_ray
-
-
-def ray_aabb(origins: Tensor, dirs: Tensor, bound: float) -> tuple[Tensor, Tensor]:
-    """Near and far distances (N,) of rays (N, 3) in the cube [-bound, bound]^3 (slab method).
-
-    Rays that start inside get near = 0; rays that miss get far = near (an empty interval).
-    """
-    safe = torch.where(dirs.abs() < 1e-12, torch.full_like(dirs, 1e-12), dirs)
-    t0, t1 = (-bound - origins) / safe, (bound - origins) / safe  # (N, 3) each
-    near = torch.minimum(t0, t1).amax(-1).clamp(min=0)
-    far = torch.maximum(t0, t1).amin(-1)
-    return near, torch.maximum(far, near)
 
 
 EVAL_MIN_WEIGHT = 1e-4  # evaluation renders skip shading samples whose compositing weight is below this
@@ -304,22 +237,3 @@ def make_renderer(device: torch.device | str, cfg: RenderConfig, bound: float) -
     if device.type != "cuda":
         raise UserError(f"renderer=nerfacc needs a CUDA device, got {device}; use renderer=batched")
     return NerfaccRenderer(cfg, bound, device)
-
-
-def render_rays(origins: Tensor, dirs: Tensor, field: Field, background: BackgroundFn, shading_fn: ShadingFn,
-                cfg: RenderConfig | None = None, train: bool = False, generator: torch.Generator | None = None,
-                need_normals: bool = False, chunk: int | None = None,
-                renderer: BatchedRenderer | NerfaccRenderer | None = None, bound: float | None = None) -> dict[str, Tensor]:
-    """Functional form of `renderer.render_rays` (same arguments and outputs).
-
-    Pass the run's `renderer` (from `make_renderer`; it holds its own config and, for nerfacc,
-    the occupancy grid). Without one, a `BatchedRenderer(cfg, bound)` is used, `bound`
-    defaulting to `cfg.bound` when the config has one (the 3D job's flat config does).
-    """
-    if renderer is None:
-        bound = bound if bound is not None else getattr(cfg, "bound", None)
-        if cfg is None or bound is None:
-            raise ValueError("render_rays needs a renderer, or a cfg and the field's bound")
-        renderer = BatchedRenderer(cfg, bound)
-    return renderer.render_rays(origins, dirs, field, background, shading_fn, train=train, generator=generator,
-                                need_normals=need_normals, chunk=chunk)

@@ -1,13 +1,10 @@
 """`python run.py eval image`: does the prior draw what it is asked for? The judge decides.
 
-For every prompt "a {color} {shape}" of the colour x shape grid (8 x 6 = 48 by default) the prior
-generates `samples_per_prompt` images exactly as the image job would (same loading, sampler, steps,
-guidance and seed options), and the ToyWorld judge (`toyworld.judge`) names the colour and shape
-it sees. With `views=true` the prompts "a {color} {shape}, {view} view" are scored on the view too.
-
-The run directory `OUT/eval/<time>-image/` holds report.json (every number), report.md (the same
-as tables), grid.png (one sample per prompt: rows shapes, columns colours, framed green when the
-judge agrees on both colour and shape, red when not), config.yaml and metadata.json.
+For every prompt "a {color} {shape}" of the colour x shape grid the prior generates `samples_per_prompt`
+images as the image job would, and the judge names the colour and shape it sees (with `views=true`,
+"..., {view} view" prompts are scored on the view too). OUT/eval/<time>-image/ holds report.json,
+report.md, grid.png (one sample per prompt, framed green where the judge agrees), config.yaml and
+metadata.json.
 """
 
 from __future__ import annotations
@@ -21,52 +18,19 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from pipelines.config import option, to_dict
-from pipelines.errors import UserError
-from pipelines.image import to_pil
+from pipelines.geometry import VIEWS
 from pipelines.loading import content_hash
-from pipelines.options import SamplingOptions
+from pipelines.media import save_image, to_pil
 from pipelines.prior import Conditioning, Prior
-from pipelines.runtime import (Timer, command_line, make_run_dir, pick_device, save_image, versions,
-                               write_json, write_text, write_yaml)
+from pipelines.rundir import RunDir
+from pipelines.runtime import Timer, pick_device
 from pipelines.sampling import initial_noise, sample
+from toyworld.vocab import COLOR_NAMES, SHAPES
 
-from .judge import DEFAULT_PATH, HEADS, load_judge
-from .world import COLOR_NAMES, SHAPES, VIEWS
+from .config import EvalImageConfig
+from .judge import HEADS, load_judge
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalImageConfig(SamplingOptions):
-    samples_per_prompt: int = option(4, "images generated per prompt")
-    colors: tuple[str, ...] = option((), f"colours of the prompt grid, e.g. [red, blue]; [] for all {len(COLOR_NAMES)}")
-    shapes: tuple[str, ...] = option((), f"shapes of the prompt grid, e.g. [cube, sphere]; [] for all {len(SHAPES)}")
-    views: bool = option(False, "also score 'a {color} {shape}, {view} view' prompts on the view")
-    judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
-    batch_size: int = option(32, "images denoised together (lower it to save memory)")
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("samples_per_prompt", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES)):
-            chosen = getattr(self, name)
-            unknown = [c for c in chosen if c not in known]
-            if unknown:
-                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
-            if len(set(chosen)) != len(chosen):
-                raise UserError(f"{name} lists a {name[:-1]} twice")
-
-    # In the world's order whatever order they were listed in, so every table and grid.png agree.
-    @property
-    def grid_colors(self) -> tuple[str, ...]:
-        return tuple(c for c in COLOR_NAMES if c in self.colors or not self.colors)
-
-    @property
-    def grid_shapes(self) -> tuple[str, ...]:
-        return tuple(s for s in SHAPES if s in self.shapes or not self.shapes)
 
 
 @dataclass(frozen=True)
@@ -295,25 +259,23 @@ def main(cfg: EvalImageConfig, out: str | Path = "outputs", progress: bool = Tru
     with timer("load"):
         prior = Prior.from_options(cfg, device)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
-    run_dir = make_run_dir(out, "eval", "image")
-    write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    run = RunDir.create(out, "eval", "image")
+    run.write_config(cfg)
     prompts = prompt_grid(cfg)
     with timer("generate"):
         images = generate_all(prior, prompts, cfg, progress)
     with timer("judge"):
         predicted = judge.predict(images)
     report = build_report(prompts, cfg, predicted, judge.metrics)
-    write_json(run_dir / "report.json", report)
-    write_text(run_dir / "report.md", markdown(report))
-    save_image(run_dir / "grid.png", grid_image(images, report["grid"], cfg))
-    write_json(run_dir / "metadata.json", {
-        "job": "eval image", "model": prior.model_id, "model_hash": prior.content_hash(), "judge": cfg.judge,
-        "judge_hash": content_hash(judge.folder), "seed": cfg.seed, "images": len(images), "device": str(device),
-        "dtype": str(prior.dtype).removeprefix("torch."), "height": images.shape[-2], "width": images.shape[-1],
-        "timings_s": timer.stages, "versions": versions(), "command": command_line(),
-    })
+    run.write_json("report.json", report)
+    run.write_text("report.md", markdown(report))
+    save_image(run / "grid.png", grid_image(images, report["grid"], cfg))
+    run.write_metadata(job="eval image", model=prior.model_id, model_hash=prior.content_hash(), judge=cfg.judge,
+                       judge_hash=content_hash(judge.folder), seed=cfg.seed, images=len(images), device=str(device),
+                       dtype=str(prior.dtype).removeprefix("torch."), height=images.shape[-2], width=images.shape[-1],
+                       timings_s=timer.stages)
     grid = report["grid"]
     logger.info("colour %.1f%%, shape %.1f%%, both %.1f%% right over %d images; report in %s",
                 100 * grid["color_accuracy"], 100 * grid["shape_accuracy"], 100 * grid["both_accuracy"],
-                grid["images"], run_dir)
-    return run_dir
+                grid["images"], run.path)
+    return run.path

@@ -1,19 +1,12 @@
-"""The ToyWorld judge: a small CNN that names the colour, shape and view of a 64x64 image.
-
-It is the automatic referee of `python run.py eval image`: the prior is asked for "a red cube",
-the judge says what it sees. It is trained only on ground-truth renders (`python run.py train
-judge`), with mild blur, noise, colour jitter and small shifts, so that the slightly soft and
-noisy images a diffusion model makes are judged on their content, not on their texture.
+"""The ToyWorld judge: a small CNN that names the colour, shape and view of a 64x64 image, and `train judge`.
 
     judge = load_judge("models/judge")
     judge.predict(images)   # {"color": (B,), "shape": (B,), "view": (B,)} indices into HEADS
-    judge.scores(images)    # the same heads as probabilities, (B, classes)
 
-The view head is only as good as the world allows. Views are told apart by the dark front marker,
-and about half of all renders show none (it faces away, or is a sliver at the limb); a round shape
-(sphere, cone, cylinder, torus) without its marker looks the same from the side as from the back,
-and those two are about equally common among marker-less renders. So the view head's held-out
-accuracy (~76%) stays well below the colour and shape heads' (~100%), by construction.
+Trained only on ground-truth renders, with mild blur, noise, colour jitter and shifts, so the soft images
+a diffusion model makes are judged on their content. Its view head is only as good as the world allows:
+only the dark front marker tells views apart, so its held-out view accuracy (~76%) stays below colour and
+shape (~100%) by construction.
 """
 
 from __future__ import annotations
@@ -22,30 +15,29 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipelines.config import option, to_dict
 from pipelines.errors import UserError
+from pipelines.geometry import VIEWS
 from pipelines.loading import REPO_ROOT
-from pipelines.runtime import (command_line, install_dir, make_run_dir, pick_device, versions, write_json, write_text,
-                              write_yaml)
+from pipelines.rundir import RunDir
+from pipelines.runtime import command_line, install_dir, pick_device, write_json, write_text
+from toyworld.render import BACKGROUND, render_uint8
+from toyworld.vocab import COLOR_NAMES, SHAPES
+from toyworld.world import sample_scenes
 
-from .render import BACKGROUND, render_uint8
-from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes
+from .config import JUDGE, TrainJudgeConfig
 
 logger = logging.getLogger(__name__)
 
 HEADS = {"color": COLOR_NAMES, "shape": SHAPES, "view": VIEWS}
 IMAGE_SIZE = 64
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-DEFAULT_PATH = "models/judge"
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -123,7 +115,7 @@ def save_judge(judge: Judge, folder: str | Path, metrics: dict | None = None) ->
     return folder
 
 
-def load_judge(path: str | Path = DEFAULT_PATH, device: str | torch.device = "cpu") -> Judge:
+def load_judge(path: str | Path = JUDGE, device: str | torch.device = "cpu") -> Judge:
     """Load a saved judge in eval mode. A relative path is looked up in the current directory, then in the repo."""
     folder = _find(Path(path))
     from safetensors import SafetensorError
@@ -199,33 +191,6 @@ def _blur(images: torch.Tensor, sigma: torch.Tensor, radius: int = 3) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------- training
-@dataclass
-class TrainJudgeConfig:
-    steps: int = option(2500, "optimisation steps (AdamW, one-cycle learning rate)")
-    batch_size: int = option(96, "images per step")
-    lr: float = option(3e-3, "peak learning rate")
-    bank_size: int = option(12000, "ground-truth renders to train on (rendered once, then freshly augmented each step)")
-    eval_size: int = option(2048, "fresh held-out renders (seed eval_seed) the reported accuracies are measured on")
-    augment: bool = option(True, "blur, noise, colour jitter and small shifts, so generated images are judged fairly")
-    seed: int = option(0, "seed of the training renders, the initial weights and every augmentation")
-    max_offset: float = option(0.5, "objects moved off-centre by up to this many world units, as the prior sees them")
-    p_offset: float = option(0.5, "fraction of the renders moved off-centre")
-    eval_seed: int = option(1_000_003, "seed of the held-out renders (keep it different from seed)")
-    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    save_to: Optional[str] = option(DEFAULT_PATH, "also install the trained judge here (null: only in the run directory)")
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "bank_size", "eval_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not 0 < self.lr < 1:
-            raise UserError(f"lr must be between 0 and 1, got {self.lr}")
-        if self.eval_seed == self.seed:
-            raise UserError("eval_seed must differ from seed, or the held-out renders are the training renders")
-        if self.save_to is not None and not self.save_to.strip():
-            raise UserError("save_to is empty: name a folder, or pass save_to=null")
-
-
 def render_set(n: int, seed: int, progress: bool = False, chunk: int = 256, max_offset: float = 0.0,
                p_offset: float = 0.5) -> tuple[torch.Tensor, dict]:
     """n ground-truth renders (uint8, CPU) and their labels, deterministic from the seed."""
@@ -277,8 +242,9 @@ def train(judge: Judge, images: torch.Tensor, labels: dict, cfg: TrainJudgeConfi
 def main(cfg: TrainJudgeConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
     """Render, train, measure on fresh renders, save into RUN_DIR/judge and install to `save_to`."""
     device = pick_device(cfg.device)
-    run_dir = make_run_dir(out, "train", "judge")
-    write_yaml(run_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    run = RunDir.create(out, "train", "judge")
+    run.write_config(cfg)
+    run_dir = run.path
     started, wall = time.monotonic(), {}
     images, labels = render_set(cfg.bank_size, cfg.seed, progress, max_offset=cfg.max_offset, p_offset=cfg.p_offset)
     held_out, held_labels = render_set(cfg.eval_size, cfg.eval_seed, progress, max_offset=cfg.max_offset,
@@ -296,13 +262,9 @@ def main(cfg: TrainJudgeConfig, out: str | Path = "outputs", progress: bool = Tr
     folder = save_judge(judge.cpu(), run_dir / "judge", {**metrics, "steps": cfg.steps})
     write_text(folder / "README.md", model_card(cfg, metrics, wall, sum(p.numel() for p in judge.parameters()), device))
     write_json(run_dir / "losses.json", log)
-    write_json(run_dir / "metadata.json", {
-        "job": "train judge", "held_out": metrics, "steps": cfg.steps, "wall_s": wall, "device": str(device),
-        "cpu_threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in judge.parameters()), "versions": versions(), "command": command_line(),
-    })
+    run.write_metadata(job="train judge", held_out=metrics, steps=cfg.steps, wall_s=wall, device=str(device),
+                       cpu_threads=torch.get_num_threads(), parameters=sum(p.numel() for p in judge.parameters()))
     if cfg.save_to:
-
         install_dir(folder, Path(cfg.save_to))
     logger.info("judge held-out accuracy %s; saved to %s", metrics["accuracy"], folder)
     return run_dir
@@ -321,10 +283,10 @@ def model_card(cfg: TrainJudgeConfig, metrics: dict, wall: dict, parameters: int
     rows = "\n".join(f"| {name} | {len(HEADS[name])} | {acc[name]:.2%} | {aug[name]:.2%} |" for name in HEADS)
     return f"""# ToyWorld judge
 
-A {parameters:,}-parameter CNN (`toyworld/judge.py`) that names the colour, shape and view of a 64x64
+A {parameters:,}-parameter CNN (`evals/judge.py`) that names the colour, shape and view of a 64x64
 ToyWorld image. `python run.py eval image` uses it to score what the prior generates.
 
-- **Data**: {cfg.bank_size:,} ground-truth renders (`toyworld.sample_scenes`, seed {cfg.seed}; {cfg.p_offset:.0%} of the
+- **Data**: {cfg.bank_size:,} ground-truth renders (`toyworld.world.sample_scenes`, seed {cfg.seed}; {cfg.p_offset:.0%} of the
   objects moved off-centre by up to {cfg.max_offset} world units, as the prior's training images), each step
   freshly augmented (shift up to 3 px, zoom +-5%, Gaussian blur sigma up to 1 px, contrast +-10%,
   brightness +-0.05, colour gain +-3%, noise std up to 0.03){"" if cfg.augment else " -- augmentation was OFF for this run"}.

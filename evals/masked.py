@@ -1,15 +1,9 @@
-"""The masked-frame model in `python run.py eval video`: frame interpolation and image-to-video, scored on
-ToyWorld clips whose every frame is known, so each generated frame has its ground truth.
-
-- interpolation (interpolate=k): a clip of (KNOWN - 1) * k + 1 frames rendered at k * fps; every k-th frame
-  is given, the model fills the rest, conditioned on k * fps as the video job does. The frames it fills are
-  scored against the true ones: mean absolute pixel error and centroid error (pixels), next to a cross-fade
-  of the neighbouring given frames (what interpolation without a model gives) and the VAE's own round trip
-  of the true frames (the floor no latent model can beat); and the judge's colour and shape on them.
-- image-to-video (image=): the first frame of a clip at fps is given with the clip's caption; the model makes
-  the rest. Scored: motion correctness (the `eval video` criteria, on the same clips' ground truth too),
-  the judge's colour and shape against the given object, identity stability, and the jump from the given
-  frame to the next against the mean change between later frames (1.0 = no jump).
+"""The masked-frame model in `eval video`, on ToyWorld clips whose every frame is known:
+- interpolation (interpolate=k): every k-th frame of a clip at k * fps is given, the model fills the rest;
+  pixel and centroid error against the truth, beside a cross-fade of the given frames and the VAE's round
+  trip (the floor), and the judge's colour and shape on the filled frames;
+- image-to-video (image=): the first frame and the caption are given; motion correctness (on the ground
+  truth too), colour, shape, identity, and the jump after the given frame (1.0 = none).
 """
 
 from __future__ import annotations
@@ -19,9 +13,12 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from pipelines.prior import Prior
-from video.pipeline import VideoConfig, blend_known, denoise
+from toyworld.video import sample_clip_batch
+from toyworld.vocab import MOTIONS
+from video.config import VideoConfig
+from video.pipeline import VideoModel, blend_known
 
-from .world import MOTIONS
+from .motion import identity_stability, judge_frames, motion_correct, rate, tracks
 
 KNOWN = 5  # given frames of an interpolation clip
 CHUNK = 4  # clips denoised at once
@@ -39,16 +36,16 @@ def _encode(prior: Prior, clips: torch.Tensor) -> torch.Tensor:
     return rearrange(z, "(n f) c h w -> n c f h w", n=clips.shape[0])
 
 
-def _fill(prior: Prior, masked, captions: list[str], known: torch.Tensor, cfg: VideoConfig, fps: float,
+def _fill(model: VideoModel, captions: list[str], known: torch.Tensor, cfg: VideoConfig, fps: float,
           g: torch.Generator, desc: str, progress: bool, k: int | None = None) -> torch.Tensor:
     """Denoise with the known frames given (non-zero latents), CHUNK clips at a time, as the video job does
     (with `k`, an interpolation: from the given frames' blend at `interpolate_strength`); -> decoded frames."""
-    out = []
+    out, prior = [], model.prior
     for i in tqdm(range(0, len(known), CHUNK), desc=desc, disable=not progress):
         text = prior.encode_prompt(captions[i:i + CHUNK], cfg.negative, words=True)
         part = known[i:i + CHUNK].to(prior.device)
         init = None if k is None else blend_known(part, k)
-        z = denoise(prior, masked, text, part.shape, cfg, g, False, part, fps, init, cfg.interpolate_strength)
+        z = model.sample(text, part.shape, cfg, g, False, part, fps, init, cfg.interpolate_strength)
         out.append(_decode(prior, z, cfg.decode_chunk))
     return torch.cat(out)
 
@@ -59,18 +56,14 @@ def cross_fade(clips: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _centroid_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from .evaluate_video import tracks
-
     ta, tb = tracks(a), tracks(b)
     return torch.sqrt((ta["x"] - tb["x"]) ** 2 + (ta["y"] - tb["y"]) ** 2)
 
 
 @torch.no_grad()
-def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, k: int, seed: int,
+def interpolation_report(model: VideoModel, judge, cfg: VideoConfig, n: int, k: int, seed: int,
                          progress: bool = True) -> dict:
-    from .evaluate_video import judge_frames
-    from .video import sample_clip_batch
-
+    prior = model.prior
     frames, fps = (KNOWN - 1) * k + 1, cfg.fps * k
     videos, captions, labels = sample_clip_batch(n, torch.Generator().manual_seed(seed), frames=frames,
                                                  size=prior.default_size, fps=fps)
@@ -78,7 +71,7 @@ def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, 
     z_true = _encode(prior, truth)
     known = torch.zeros_like(z_true)
     known[:, :, ::k] = z_true[:, :, ::k]
-    made = _fill(prior, masked, captions, known, cfg, fps, torch.Generator("cpu").manual_seed(seed),
+    made = _fill(model, captions, known, cfg, fps, torch.Generator("cpu").manual_seed(seed),
                  f"interpolating {n} clips (x{k})", progress, k)
     round_trip = _decode(prior, z_true, cfg.decode_chunk)
     between = torch.arange(frames) % k != 0
@@ -87,7 +80,7 @@ def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, 
     fade = cross_fade(made, k)  # the given frames, as the model returns them, blended
     judged = judge_frames(judge, made[:, between])
     return {"clips": n, "k": k, "given_frames": KNOWN, "frames": frames, "fps": fps,
-            "interpolate_strength": cfg.interpolate_strength, "replace_known": cfg.replace_known,
+            "interpolate_strength": cfg.interpolate_strength,
             "pixel_error": round(err(made), 4), "pixel_error_cross_fade": round(err(fade), 4),
             "pixel_error_vae_round_trip": round(err(round_trip), 4),
             "centroid_error_px": round(centroid(made), 3), "centroid_error_px_cross_fade": round(centroid(fade), 3),
@@ -97,25 +90,23 @@ def interpolation_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, 
 
 
 @torch.no_grad()
-def image_to_video_report(prior: Prior, masked, judge, cfg: VideoConfig, n: int, seed: int,
+def image_to_video_report(model: VideoModel, judge, cfg: VideoConfig, n: int, seed: int,
                           progress: bool = True) -> dict:
-    from .evaluate_video import _rate, identity_stability, judge_frames, motion_correct
-    from .video import sample_clip_batch
-
+    prior = model.prior
     videos, captions, labels = sample_clip_batch(n, torch.Generator().manual_seed(seed + 1), frames=cfg.frames,
                                                  size=prior.default_size, fps=cfg.fps)
     truth = videos.permute(0, 2, 1, 3, 4)
     known = torch.zeros(n, prior.latent_channels, cfg.frames, *_encode(prior, truth[:1, :1]).shape[-2:])
     known[:, :, 0] = _encode(prior, truth[:, :1])[:, :, 0]
-    made = _fill(prior, masked, captions, known, cfg, cfg.fps, torch.Generator("cpu").manual_seed(seed + 1),
+    made = _fill(model, captions, known, cfg, cfg.fps, torch.Generator("cpu").manual_seed(seed + 1),
                  f"animating {n} first frames", progress)
     names = [MOTIONS[int(m)] for m in labels["motion"]]
     judged = judge_frames(judge, made)
     change = (made[:, 1:] - made[:, :-1]).abs().mean(dim=(0, 2, 3, 4))
     moved = motion_correct(made, names)
     return {"clips": n, "frames": cfg.frames, "fps": cfg.fps,
-            "motion_accuracy": _rate(moved), "motion_accuracy_ground_truth": _rate(motion_correct(truth, names)),
-            "per_motion": {m: _rate([ok for ok, name in zip(moved, names) if name == m]) for m in sorted(set(names))},
+            "motion_accuracy": rate(moved), "motion_accuracy_ground_truth": rate(motion_correct(truth, names)),
+            "per_motion": {m: rate([ok for ok, name in zip(moved, names) if name == m]) for m in sorted(set(names))},
             "frame_color_accuracy": round(float((judged["color"] == labels["color"][:, None]).float().mean()), 4),
             "frame_shape_accuracy": round(float((judged["shape"] == labels["shape"][:, None]).float().mean()), 4),
             "identity_stability": identity_stability(judged),
@@ -128,7 +119,7 @@ def markdown(r: dict) -> list[str]:
     return ["", f"## Masked-frame model: {r['masked_motion']}", "",
             f"Interpolation: {it['clips']} ground-truth clips of {it['frames']} frames at fps {it['fps']:g}, every "
             f"{it['k']}th given; scored on the frames filled in between (interpolate_strength "
-            f"{it['interpolate_strength']:g}, replace_known {str(it['replace_known']).lower()}).", "",
+            f"{it['interpolate_strength']:g}).", "",
             "| frames in between | pixel error | centroid error (px) |", "|---|---|---|",
             f"| interpolated | {it['pixel_error']:.4f} | {it['centroid_error_px']:.2f} |",
             f"| cross-fade of the given frames | {it['pixel_error_cross_fade']:.4f} | {it['centroid_error_px_cross_fade']:.2f} |",

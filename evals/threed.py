@@ -1,21 +1,12 @@
 """`python run.py eval 3d`: are the 3D assets the right shape, the right colour, and one object from every side?
 
-For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted exactly as `python run.py 3d`
-makes them (each run directory is kept under the eval's folder, with that asset's scores, so `--resume`
-never fits or scores an asset twice). The report (report.json, report.md, rewritten after every asset so a
-stopped eval keeps its numbers so far; turntables.png at the end) covers:
-- geometry: volumetric IoU between the exported mesh and the ground-truth primitive (ToyWorld's SDF at
-  unit scale), after moving both to their centroid, scaling both to unit volume, and taking the best of
-  `rotations` turns about the vertical axis;
-- appearance: the judge's colour and shape on renders of the mesh from `views` azimuths (plain-PyTorch
-  rasterizer, ToyWorld's camera and light);
-- multi-view consistency (a Janus check): the judge's view (front / side / back) on the NeRF's own
-  turntable renders (`view_frames` azimuths) against the true camera view: an asset with a face on every
-  side fails it, and so does one with no face at all (the report gives the score of always answering the
-  commonest view).
-The same judge also scores ToyWorld's own render of each prompt's object from the same cameras, so the
-report says how far the judge can go on ground truth. For views that is not far: only the dark front
-marker tells the views apart, so a back view of any round object looks like a side view.
+For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted as `run.py 3d` fits them, each
+run kept under the eval's folder with its scores, so `--resume` never fits or scores an asset twice:
+- geometry: volumetric IoU of the mesh and the true primitive, both moved to their centroid, scaled to unit
+  volume, best of `rotations` turns about the vertical axis;
+- appearance: the judge's colour and shape on mesh renders from `views` azimuths;
+- views (a Janus check): the judge's view on the NeRF's own renders from `view_frames` azimuths.
+The same judge scores ToyWorld's render of each object from the same cameras: what it can reach.
 """
 
 from __future__ import annotations
@@ -24,9 +15,8 @@ import json
 import logging
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -37,51 +27,25 @@ from PIL import Image
 from dreamfusion.cameras import view_names
 from dreamfusion.config import ThreeDConfig
 from dreamfusion.export import render_mesh
-from dreamfusion.fit import STAGE, fit, load_asset, render_views, resumed_config, turntable_cameras
+from dreamfusion.fit import fit, fitted_steps, load_asset, render_views, resumed_config, turntable_cameras
 from dreamfusion.renderer import make_renderer
-from pipelines.config import load_yaml, option, to_dict
 from pipelines.errors import UserError
-from pipelines.image import from_pil, to_pil
-from pipelines.runtime import Timer, command_line, make_run_dir, pick_device, save_image, versions, write_json, write_text, write_yaml
-from pipelines.training import checkpoint_step
+from pipelines.geometry import VIEWS
+from pipelines.media import from_pil, save_image, to_pil
+from pipelines.rundir import RunDir
+from pipelines.runtime import Timer, pick_device, write_json
+from toyworld.render import SDFS, render
+from toyworld.vocab import COLOR_NAMES, SHAPES
+from toyworld.world import Scene
 
-from .judge import DEFAULT_PATH, load_judge
-from .render import SDFS, render
-from .world import COLOR_NAMES, SHAPES, VIEWS, Scene
+from .config import Eval3DConfig
+from .judge import load_judge
 
 logger = logging.getLogger(__name__)
 HIT_METRICS = {"color_accuracy": "color", "shape_accuracy": "shape", "view_agreement": "view"}  # metric -> judge head
 SCORE_FILE, VIEWS_FILE = "eval_score.json", "eval_views.png"  # an asset's scores, kept in its run folder
 RECORD_FILES = ("config.yaml", "metadata.json", SCORE_FILE, VIEWS_FILE)  # all a resume needs of a scored run
 BARS = {"median_iou": 0.6, "min_shape_iou": 0.4, "color_accuracy": 0.9, "shape_accuracy": 0.8, "view_agreement": 0.7}
-
-
-@dataclass
-class Eval3DConfig(ThreeDConfig):
-    seeds: int = option(2, "assets fitted per prompt (seeds seed, seed + 1, ...)")
-    colors: tuple[str, ...] = option((), "colours of the prompt grid; [] for all")
-    shapes: tuple[str, ...] = option((), "shapes of the prompt grid; [] for all")
-    judge: str = option(DEFAULT_PATH, "the judge folder (made by `python run.py train judge`)")
-    iou_resolution: int = option(64, "sample points per side of the IoU grid")
-    rotations: int = option(36, "turns about the vertical axis tried for the best IoU")
-    views: int = option(8, "azimuths of the mesh renders the judge scores for colour and shape")
-    view_frames: int = option(36, "azimuths (0, 360/n, ...) of the NeRF renders the judge's view is checked on")
-    judge_elevation: float = option(15.0, "camera elevation of the judged renders, degrees")
-    resume: Optional[str] = option(None, "an eval 3d directory to continue: its scored assets are kept, the one "
-                                         "it was fitting continues from its checkpoint, the rest are fitted (--resume)")
-
-    def validate(self) -> None:
-        super().validate()
-        if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1 or min(self.views, self.view_frames) < 1:
-            raise UserError("seeds, rotations, views and view_frames must be at least 1, iou_resolution at least 8")
-        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES)):
-            unknown = [x for x in getattr(self, name) if x not in known]
-            if unknown:
-                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
-
-    def grid(self) -> list[tuple[int, int]]:
-        pick = lambda chosen, known: [i for i, x in enumerate(known) if not chosen or x in chosen]
-        return [(c, s) for c in pick(self.colors, COLOR_NAMES) for s in pick(self.shapes, SHAPES)]
 
 
 # ------------------------------------------------------------------------------------------ geometry
@@ -150,7 +114,7 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
     cams = turntable_cameras(cfg.views, cfg, "cpu", elevation=cfg.judge_elevation)
     mesh_views = render_mesh(mesh, cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg, judge.image_size)
     asset = load_asset(run_dir, cfg, device)  # the eval fitted it with cfg's own options
-    renderer = make_renderer(device, cfg, cfg.bound)
+    renderer = make_renderer(device, cfg.render, cfg.field.bound)
     nerf_views = render_views(asset, renderer, cams.to(device), judge.image_size, cfg).cpu()
     on_mesh = judge_hits(judge, mesh_views, color, shape, true_views(cams, cfg))
     # The view check orbits with view_frames cameras: at 36 (every 10 degrees) none sits on a front/side/back
@@ -190,7 +154,7 @@ def load_score(run_dir: Path) -> dict | None:
 
 def true_views(cams, cfg: ThreeDConfig) -> torch.Tensor:
     """The view index (VIEWS) of each camera, by DreamFusion's thresholds."""
-    return torch.tensor([VIEWS.index(v) for v in view_names(cams.azimuth_deg, cams.elevation_deg, cfg)])
+    return torch.tensor([VIEWS.index(v) for v in view_names(cams.azimuth_deg, cams.elevation_deg, cfg.camera)])
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -228,16 +192,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def resolve_eval(cfg: Eval3DConfig) -> tuple[Path | None, Eval3DConfig]:
+def resolve_eval(cfg: Eval3DConfig) -> tuple[RunDir | None, Eval3DConfig]:
     """`--resume EVAL_DIR`: that eval's folder and saved config (overrides must not conflict with it)."""
     if cfg.resume is None:
         return None, cfg
-    eval_dir = Path(cfg.resume)
-    saved = load_yaml(eval_dir / "config.yaml") if (eval_dir / "config.yaml").is_file() else {}
-    if "iou_resolution" not in saved:
-        raise UserError(f"--resume {eval_dir}: not an eval 3d directory (no eval 3d config.yaml)")
-    saved.pop("command", None)
-    return eval_dir, resumed_config(cfg, saved, eval_dir)
+    run = RunDir.existing(cfg.resume, "eval 3d")
+    if "iou_resolution" not in run.config():
+        raise UserError(f"--resume {run.path}: not an eval 3d directory (no eval 3d config.yaml)")
+    return run, resumed_config(run, cfg)
 
 
 def earlier_runs(eval_dir: Path) -> dict[tuple[str, int], Path]:
@@ -247,8 +209,8 @@ def earlier_runs(eval_dir: Path) -> dict[tuple[str, int], Path]:
     for run_dir in sorted((eval_dir / "3d").glob("*")) if (eval_dir / "3d").is_dir() else []:
         if not (run_dir / "config.yaml").is_file():
             continue
-        saved = load_yaml(run_dir / "config.yaml")
-        rank = ((run_dir / "metadata.json").is_file(), checkpoint_step(run_dir, STAGE))
+        saved = RunDir(run_dir).config()
+        rank = ((run_dir / "metadata.json").is_file(), fitted_steps(run_dir))
         key = (saved.get("prompt"), saved.get("seed"))
         if rank > (False, 0) and (key not in found or rank > found[key][0]):
             found[key] = (rank, run_dir)
@@ -256,7 +218,8 @@ def earlier_runs(eval_dir: Path) -> dict[tuple[str, int], Path]:
 
 
 def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
-    eval_dir, cfg = resolve_eval(cfg)
+    run, cfg = resolve_eval(cfg)
+    eval_dir = None if run is None else run.path
     device = pick_device(cfg.device)
     judge = load_judge(cfg.judge, device)  # before any fit: a missing judge fails in a second
     timer = Timer()
@@ -265,15 +228,15 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
                    if (eval_dir / name).is_file())  # lazily: the report (large) only when no metadata has them
         timer.stages = dict(next((r["timings_s"] for r in records if "timings_s" in r), {}))
     earlier, planned = {}, len(cfg.grid()) * cfg.seeds
-    if eval_dir is None:
-        eval_dir = make_run_dir(out, "eval", "3d")
-        write_yaml(eval_dir / "config.yaml", {**to_dict(cfg), "command": command_line()})
+    if run is None:
+        run = RunDir.create(out, "eval", "3d")
+        run.write_config(cfg)
+        eval_dir = run.path
     else:
         earlier = earlier_runs(eval_dir)
         logger.info("resuming %s: %d of %d assets already started or done", eval_dir, len(earlier), planned)
     rows, strips = [], []
-    fit_cfg = ThreeDConfig(**{k: v for k, v in to_dict(cfg).items() if k in ThreeDConfig.__dataclass_fields__})
-    fit_cfg = replace(fit_cfg, resume=None)
+    fit_cfg = ThreeDConfig(**{k: getattr(cfg, k) for k in ThreeDConfig.__dataclass_fields__ if k != "resume"})
     for c, s in cfg.grid():
         prompt = f"a {COLOR_NAMES[c]} {SHAPES[s]}"
         for k in range(cfg.seeds):
@@ -294,11 +257,10 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
             # after every asset: a stopped eval (hours on a CPU) still leaves the numbers so far
             report = {"summary": summarise(rows), "assets": rows, "planned": planned, "judge": cfg.judge,
                       "judge_metrics": judge.metrics, "timings_s": timer.stages}
-            write_json(eval_dir / "report.json", report)
-            write_text(eval_dir / "report.md", markdown(report))
+            run.write_json("report.json", report)
+            run.write_text("report.md", markdown(report))
     sheet = rearrange(torch.stack(strips), "a v c h w -> c (a h) (v w)")  # one row per asset: NeRF over mesh
     save_image(eval_dir / "turntables.png", to_pil(sheet[None])[0])
-    write_json(eval_dir / "metadata.json", {"job": "eval 3d", "timings_s": timer.stages, "versions": versions(),
-                                            "command": command_line()})
+    run.write_metadata(job="eval 3d", timings_s=timer.stages)
     logger.info("eval 3d: %s", {k: v for k, v in report["summary"].items() if k != "per_shape_iou"})
     return eval_dir

@@ -1,7 +1,6 @@
 """The ToyWorld prior's architecture: a small SD-layout latent-diffusion model.
 
-Components are ordinary diffusers/transformers classes, saved as a diffusers-format folder
-(`model_index.json` + unet, vae, text_encoder, tokenizer, scheduler), so the shipped model is
+Ordinary diffusers/transformers classes saved as a diffusers-format folder, so the shipped model is
 loaded by exactly the code that loads Stable Diffusion (`pipelines.loading`).
 
 - VAE: AutoencoderKL, 64x64x3 -> 16x16x4 (factor 4).
@@ -13,28 +12,12 @@ loaded by exactly the code that loads Stable Diffusion (`pipelines.loading`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import option
-
+from .config import Architecture
 from .world import VOCAB
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-
-
-@dataclass
-class Architecture:
-    """Sizes of the three networks (see configs/train_prior*.yaml for the shipped choices)."""
-
-    image_size: int = option(64, "training image size in pixels")
-    vae_channels: tuple[int, ...] = option((32, 64, 128), "VAE block widths; len-1 downsamplings (3 -> factor 4)")
-    latent_channels: int = option(4, "VAE latent channels")
-    unet_channels: tuple[int, ...] = option((64, 128, 192), "UNet block widths (3 blocks)")
-    unet_layers: int = option(1, "UNet resnet layers per block")
-    text_width: int = option(128, "text encoder width (= UNet cross-attention width)")
-    text_layers: int = option(4, "text encoder transformer layers")
-    max_tokens: int = option(16, "tokenizer/text-encoder context length")
 
 
 def build_tokenizer(max_tokens: int = 16):

@@ -1,21 +1,8 @@
-"""Batched sphere-tracing renderer for toyworld scenes (plain PyTorch, any device).
+"""ToyWorld's batched sphere-tracing renderer (plain PyTorch, any device).
 
-Camera convention (the 3D/NeRF code reuses `camera_rays`; keep them in sync):
-  * Right-handed world, +z is up. Objects are centred at the origin.
-  * Azimuth 0 deg puts the camera on the +x axis, which is the object's FRONT
-    (where the dark marker dot is); azimuth grows counter-clockwise seen from
-    above, so 90 deg is the +y axis.
-  * Elevation is the angle above the xy-plane. Camera position is
-    distance * (cos(el) cos(az), cos(el) sin(az), sin(el)), looking at the origin.
-  * Image right = normalise(forward x z), image up = right x forward; pixel
-    [row 0, col 0] is the top-left corner. Images are square and `fov_deg` is
-    the full field of view (vertical = horizontal).
-  * Ray directions are unit vectors; depth is the distance along the ray to
-    the surface in world units (0 where there is no object).
-
-Each shape is a signed distance function (SDF) of roughly unit size in object
-space. Rays are moved into object space (undoing offset, yaw and scale) once,
-so the march loop evaluates one fixed SDF with no per-item parameters.
+Each shape is a signed distance function of roughly unit size in object space; rays are moved into
+object space (undoing offset, yaw and scale) once, so the march evaluates one fixed SDF. Cameras and the
+key light are `pipelines.geometry`'s; the front marker is a dark cap on the +x side of every shape.
 """
 
 from __future__ import annotations
@@ -27,12 +14,13 @@ from einops import rearrange
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from pipelines.geometry import AMBIENT, DIFFUSE, camera_frame, camera_rays, key_light
+
 from .world import COLORS, SHAPES, Scene
 
 BACKGROUND = 0.92
 MARKER_RGB = (0.06, 0.06, 0.06)
 MARKER_HALF_ANGLE_DEG = 19.0  # marker = surface seen within this angle of +x from the centre
-AMBIENT, DIFFUSE = 0.4, 0.65  # a lit face can saturate slightly (clamped)
 
 SPHERE_RADIUS = 0.8
 BOX_HALF, BOX_ROUND = 0.6, 0.06
@@ -44,37 +32,6 @@ BOUND_RADIUS = 1.15  # every shape fits in this object-space sphere
 
 STEPS, CHUNK = 48, 8  # march steps; rays that finish are dropped every CHUNK steps
 HIT_EPS = 2e-3  # object-space distance that counts as "on the surface"
-
-
-# ---------------------------------------------------------------- camera
-
-def _as_batch(x, device=None) -> Tensor:
-    return torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1)
-
-
-def camera_frame(azimuth_deg, elevation_deg, distance):
-    """Camera eye position and orthonormal right/up/forward axes, each (B, 3)."""
-    az, el = torch.deg2rad(_as_batch(azimuth_deg)), torch.deg2rad(_as_batch(elevation_deg))
-    dist = _as_batch(distance, az.device)
-    eye = dist[:, None] * torch.stack([el.cos() * az.cos(), el.cos() * az.sin(), el.sin()], -1)
-    forward = -eye / dist[:, None]
-    world_up = torch.tensor([0.0, 0.0, 1.0], device=eye.device).expand_as(eye)
-    right = torch.nn.functional.normalize(torch.linalg.cross(forward, world_up), dim=-1)
-    up = torch.linalg.cross(right, forward)
-    return eye, right, up, forward
-
-
-def camera_rays(azimuth_deg, elevation_deg, distance, fov_deg, size: int):
-    """Per-pixel ray origins and unit directions, each (B, H, W, 3) with H = W = size."""
-    eye, right, up, forward = camera_frame(azimuth_deg, elevation_deg, distance)
-    half = torch.tan(torch.deg2rad(_as_batch(fov_deg, eye.device)) / 2)  # (B,)
-    centres = (torch.arange(size, device=eye.device, dtype=torch.float32) + 0.5) / size * 2 - 1
-    v, u = torch.meshgrid(-centres, centres, indexing="ij")  # (H, W); v is +1 at the top row
-    b = lambda x: rearrange(x, "b c -> b 1 1 c")
-    screen = u[..., None] * b(right) + v[..., None] * b(up)  # (B, H, W, 3)
-    dirs = b(forward) + half[:, None, None, None] * screen
-    dirs = torch.nn.functional.normalize(dirs, dim=-1)
-    return b(eye).expand_as(dirs), dirs
 
 
 # ---------------------------------------------------------------- shapes (object space, p: (N, 3) -> (N,))
@@ -179,14 +136,10 @@ def _normals(sdf, p: Tensor) -> Tensor:
 
 
 def _light_dirs(scene: Scene) -> Tensor:
-    """Object-space direction towards the key light (B, 3).
-
-    The light follows the camera (above-left of it) so the visible side is
-    always lit and an object's colour reads the same from every view.
-    """
+    """Object-space direction towards the key light (B, 3), which follows the camera, so the visible side is
+    always lit and an object's colour reads the same from every view."""
     _, right, up, forward = camera_frame(scene.azimuth_deg, scene.elevation_deg, scene.distance)
-    light = torch.nn.functional.normalize(-forward + 0.6 * up - 0.4 * right, dim=-1)
-    return _rotate_z(light, -torch.deg2rad(scene.yaw_deg))
+    return _rotate_z(key_light(right, up, forward), -torch.deg2rad(scene.yaw_deg))
 
 
 def _shade(sdf, p: Tensor, light: Tensor, albedo: Tensor) -> Tensor:
@@ -202,7 +155,7 @@ def _shade(sdf, p: Tensor, light: Tensor, albedo: Tensor) -> Tensor:
 def _render_pixels(scene: Scene, size: int):
     """One ray per pixel: rgb (B, 3, H, W), hard alpha and depth (B, 1, H, W)."""
     B, HW, dev = len(scene), size * size, scene.shape.device
-    origins, dirs = camera_rays(scene.azimuth_deg, scene.elevation_deg, scene.distance, scene.fov_deg, size)
+    origins, dirs = camera_rays(*camera_frame(scene.azimuth_deg, scene.elevation_deg, scene.distance), scene.fov_deg, size)
     o_obj, d_obj = (rearrange(x, "b h w c -> (b h w) c") for x in _to_object_space(origins, dirs, scene))
     palette = torch.tensor(list(COLORS.values()), device=dev)  # (8, 3)
     light = _light_dirs(scene)  # (B, 3)

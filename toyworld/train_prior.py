@@ -1,15 +1,10 @@
-"""`python run.py train prior`: train the ToyWorld prior (VAE, then text encoder + UNet) from scratch.
-
-Recipe, in three stages inside one run directory:
-  1. render a bank of ToyWorld images (deterministic from the seed; re-rendered on resume);
-  2. train the VAE (L1 reconstruction + a small KL term, as LDM's KL-f4 autoencoders);
-  3. encode the bank once, set the VAE's scaling factor to 1/std of the latents (as SD does), and
-     train the UNet and the text encoder jointly with the DDPM epsilon loss (Ho et al. 2020, eq. 14),
-     dropping 10% of captions for classifier-free guidance (Ho & Salimans 2022), with an EMA of the weights.
-
-Everything runs under Accelerate (mixed precision, gradient accumulation, `accelerate launch` for
-several GPUs), checkpoints every `checkpoint_every` steps, and `resume=RUN_DIR` continues a run.
-The result is a diffusers-format folder (`RUN_DIR/model`, copied to `save_to` when given).
+"""`python run.py train prior`: the ToyWorld prior from scratch, in one run folder under Accelerate:
+1. render a bank of ToyWorld images (deterministic from the seed; re-rendered on resume);
+2. train the VAE (L1 reconstruction + a small KL term, as LDM's KL-f4 autoencoders);
+3. encode the bank, set the VAE's scaling factor to 1/std of the latents (as SD does), and train the UNet
+   and text encoder with the diffusion loss (Ho et al. 2020, eq. 14), 10% of captions dropped for
+   classifier-free guidance, with an EMA of the weights.
+The result is a diffusers-format folder (RUN_DIR/model, copied to `save_to` when given).
 """
 
 from __future__ import annotations
@@ -17,59 +12,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from pipelines.config import option, to_dict
-from pipelines.errors import UserError
+from pipelines.config import to_dict
+from pipelines.geometry import VIEWS
+from pipelines.prior import NoiseSchedule, tokenize
 from pipelines.runtime import command_line, install_dir, versions, write_json
-from pipelines.training import (Stage, TrainingOptions, checkpoint_step, mixed_precision, open_run, plot_losses,
-                                run_stage, step_generator)
+from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
+                                step_generator)
 
-from .model import Architecture, build_components, save_model
+from .config import TrainPriorConfig
+from .model import build_components, save_model
 from .render import render_uint8
-from .world import COLOR_NAMES, SHAPES, VIEWS, sample_scenes, shape_word
+from .vocab import COLOR_NAMES, SHAPES
+from .world import sample_scenes, shape_word
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainPriorConfig(TrainingOptions):
-    arch: Architecture = field(default_factory=Architecture)
-    bank_size: int = option(20000, "number of rendered training images (the data bank)")
-    vae_steps: int = option(3000, "VAE optimisation steps")
-    unet_steps: int = option(20000, "UNet + text-encoder optimisation steps")
-    batch_size: int = option(128, "batch size per process")
-    vae_lr: float = option(3e-4, "VAE learning rate (AdamW)")
-    lr: float = option(3e-4, "UNet and text-encoder learning rate (AdamW)")
-    warmup_steps: int = option(500, "linear learning-rate warm-up steps (then cosine decay to 10%)")
-    kl_weight: float = option(1e-6, "weight of the VAE's KL term")
-    caption_dropout: float = option(0.1, "fraction of captions replaced by '' (for classifier-free guidance)")
-    p_drop_view: float = option(0.3, "fraction of captions without the view suffix")
-    p_synonym: float = option(0.2, "fraction of captions using a shape synonym (ball, box, ...)")
-    max_offset: float = option(0.5, "objects move off-centre by up to this many world units (so videos can move them)")
-    p_offset: float = option(0.5, "fraction of the bank's objects moved off-centre (the rest stay centred)")
-    init: Optional[str] = option(None, "fine-tune this trained prior (folder or preset): its VAE and tokenizer are "
-                                       "kept, only the UNet and text encoder train")
-    ema_decay: float = option(0.999, "EMA decay of the UNet and text-encoder weights (0 disables EMA)")
-    checkpoint_every: int = option(2000, "save a resumable checkpoint every N steps")
-    max_minutes: Optional[float] = option(None, "wall-clock budget; the VAE stage gets 20%, stages stop early")
-    fp16_weights: bool = option(True, "save the final weights in fp16 (half the size)")
-
-    def validate(self) -> None:
-        super().validate()
-        for name in ("bank_size", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("vae_steps", "unet_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if len(self.arch.unet_channels) != 3:
-            raise UserError("arch.unet_channels must list 3 block widths")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -105,8 +67,7 @@ def caption_table(bank: Bank, tokenizer, seed: int) -> torch.Tensor:
         for word in (SHAPES[s], shape_word(SHAPES[s], True, g)):
             texts += [base + word + f", {VIEWS[v]} view", base + word]
     unique = sorted(set(texts))
-    ids = tokenizer(unique, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenize(tokenizer, unique).input_ids
     row = {t: i for i, t in enumerate(unique)}
     # texts per item are ordered [canonical+view, canonical, synonym+view, synonym]; reorder to view-major
     table = ids[torch.tensor([row[t] for t in texts])].view(len(bank), 2, 2, -1)
@@ -140,19 +101,18 @@ class VAEObjective(torch.nn.Module):
 
 
 class DenoiserObjective(torch.nn.Module):
-    """DDPM epsilon loss: || eps - unet(sqrt(abar) z + sqrt(1-abar) eps, t, text(ids)) ||^2."""
+    """The diffusion loss || target - unet(x_t, t, text(ids)) ||^2, x_t and the target (epsilon for ToyWorld's
+    scheduler) from the model's own noise schedule."""
 
-    def __init__(self, unet, text_encoder, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet, text_encoder, schedule: NoiseSchedule):
         super().__init__()
-        self.unet, self.text_encoder = unet, text_encoder
-        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.unet, self.text_encoder, self.schedule = unet, text_encoder, schedule
 
     def forward(self, ids: torch.Tensor, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_t = abar.sqrt() * z0 + (1 - abar).sqrt() * noise
+        x_t = self.schedule.add_noise(z0, noise, t)
         emb = self.text_encoder(ids)[0]
         pred = self.unet(x_t, t, encoder_hidden_states=emb).sample
-        return F.mse_loss(pred.float(), noise.float())
+        return F.mse_loss(pred.float(), self.schedule.training_target(z0, noise, t).float())
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -160,7 +120,8 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    run_dir, cfg = open_run(TrainPriorConfig, "train_prior", cfg, out, "prior")
+    run, cfg = open_run(cfg, out, "prior")
+    run_dir = run.path
     started, wall = time.monotonic(), {}
     meta = run_dir / "metadata.json"
     earlier = json.loads(meta.read_text()).get("sessions", []) if cfg.resume and meta.is_file() else []
@@ -213,25 +174,23 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
     # 4. the UNet and text encoder
     t0 = time.monotonic()
     unet, text_encoder, tokenizer = comps["unet"].to(device), comps["text_encoder"].to(device), comps["tokenizer"]
-    from diffusers import DDPMScheduler
-
-    abar = DDPMScheduler.from_config(comps["scheduler"].config).alphas_cumprod.to(device)
+    schedule = NoiseSchedule(comps["scheduler"].config, device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True) if cfg.ema_decay > 0 else None
 
     table = caption_table(bank, tokenizer, cfg.seed)
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+    empty = tokenize(tokenizer, [""]).input_ids
 
     def unet_batch(step):
         g = step_generator(cfg.seed, "unet", step, rank)
         idx = torch.randint(len(bank), (cfg.batch_size,), generator=g)
         ids = pick_captions(table, empty, idx, cfg, g)
         noise = torch.randn((cfg.batch_size, *latents.shape[1:]), generator=g)
-        t = torch.randint(len(abar), (cfg.batch_size,), generator=g)
+        t = torch.randint(schedule.num_train_timesteps, (cfg.batch_size,), generator=g)
         return {"ids": ids.to(device), "z0": latents[idx.to(device)], "noise": noise.to(device), "t": t.to(device)}
 
     stage = Stage("unet", cfg.unet_steps, cfg.lr, started + 0.97 * budget)
-    steps_done = run_stage(accel, stage, DenoiserObjective(unet, text_encoder, abar), params, unet_batch, cfg,
+    steps_done = run_stage(accel, stage, DenoiserObjective(unet, text_encoder, schedule), params, unet_batch, cfg,
                            run_dir, checkpoint_step(run_dir, "unet"), ema=ema, progress=progress, log=log)
     wall["unet_s"] = round(time.monotonic() - t0, 1)
 

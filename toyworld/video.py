@@ -15,9 +15,13 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from .render import camera_frame, render
-from .world import COLOR_NAMES, MOTIONS, SHAPES, Scene, _uniform, sample_scenes, shape_word
+from pipelines.geometry import camera_frame
+
+from .render import render
+from .vocab import COLOR_NAMES, MOTIONS, SHAPES
+from .world import Scene, _uniform, sample_scenes, shape_word
 
 FPS_CHOICES = (4, 8, 12)
 SPEED = 0.5  # world units / s for moving left/right/up/down
@@ -85,3 +89,21 @@ def sample_clip_batch(n: int, generator: torch.Generator, frames: int = 8, size:
     videos = rearrange(images, "(n f) c h w -> n c f h w", f=frames)
     labels = {"shape": scene.shape, "color": scene.color, "motion": motion, "view": scene.views(), "fps": clip_fps}
     return videos, captions, {k: v.to(device) for k, v in labels.items()}
+
+
+def rendered_clips(n: int, frames: int, size: int, fps_choices: tuple[float, ...], seed: int,
+                   progress: bool = False) -> tuple[Tensor, list[str], Tensor]:
+    """The clip source of `train temporal data=toyworld` (see `video.data`): n rendered clips (N, 3, F, H, W)
+    uint8, each at a frame rate drawn from `fps_choices`, their captions and frame rates."""
+    g = torch.Generator().manual_seed(seed)
+    videos, captions, fps = [], [], []
+    for start in tqdm(range(0, n, 256), desc="rendering ToyWorld clips", disable=not progress):
+        count = min(256, n - start)
+        rate = torch.tensor(fps_choices)[torch.randint(len(fps_choices), (count,), generator=g)]
+        for r in rate.unique().tolist():  # the renderer takes one fps per call
+            k = int((rate == r).sum())
+            v, c, _ = sample_clip_batch(k, g, frames=frames, size=size, fps=r)
+            videos.append((v * 255).round().to(torch.uint8))
+            captions += c
+            fps += [r] * k
+    return torch.cat(videos), captions, torch.tensor(fps)

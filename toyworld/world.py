@@ -1,64 +1,24 @@
-"""The toy world: vocabulary, batched scene sampling and captions.
+"""The toy world: batched scenes of one coloured primitive at the origin under an orbit camera, and captions.
 
-A scene is one coloured primitive centred at the origin, seen by an orbiting
-camera (see `toyworld.render` for the camera convention). Everything random is
-drawn on the CPU from a caller-supplied `torch.Generator`, so a seed gives the
-same scenes and captions on any device.
+The camera convention is `pipelines.geometry`'s. Everything random is drawn on the CPU from a caller's
+`torch.Generator`, so a seed gives the same scenes and captions on any device.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-SHAPES = ("sphere", "cube", "cone", "cylinder", "torus", "pyramid")
+from pipelines.geometry import VIEWS, camera_frame, view_index
 
-# Saturated, well-separated hues; none is close to the light-grey background
-# (0.92) or to the near-black front marker.
-COLORS = {
-    "red": (0.88, 0.10, 0.10),
-    "orange": (1.00, 0.50, 0.00),
-    "yellow": (0.95, 0.85, 0.05),
-    "green": (0.10, 0.65, 0.15),
-    "cyan": (0.00, 0.78, 0.85),
-    "blue": (0.10, 0.25, 0.90),
-    "purple": (0.55, 0.15, 0.80),
-    "pink": (1.00, 0.45, 0.72),
-}
-COLOR_NAMES = tuple(COLORS)
-
-SYNONYMS = {"ball": "sphere", "box": "cube", "block": "cube", "tube": "cylinder", "ring": "torus", "donut": "torus"}
-
-MOTIONS = (
-    "moving left", "moving right", "moving up", "moving down",
-    "bouncing", "spinning", "growing", "shrinking",
-)
-
-VIEWS = ("front", "side", "back", "overhead")
+from .vocab import COLOR_NAMES, COLORS, MOTIONS, SHAPES, SYNONYMS
 
 VOCAB = tuple(sorted(
     {"a", "view", ","} | set(SHAPES) | set(SYNONYMS) | set(COLORS) | set(VIEWS)
     | {word for motion in MOTIONS for word in motion.split()}
 ))
-
-
-def caption_words(text: str) -> list[str]:
-    """Lowercase and split a caption into word tokens; ',' is its own token, other punctuation is dropped."""
-    return re.findall(r"[a-z]+|,", text.lower())
-
-
-def view_index(azimuth_deg, elevation_deg) -> Tensor:
-    """Index into VIEWS by DreamFusion's rule (works elementwise on tensors or floats)."""
-    az = torch.as_tensor(azimuth_deg, dtype=torch.float32) % 360.0
-    el = torch.as_tensor(elevation_deg, dtype=torch.float32)
-    from_front = torch.minimum(az, 360.0 - az)  # angular distance to azimuth 0, in [0, 180]
-    idx = torch.ones_like(az, dtype=torch.long)  # side by default
-    idx = torch.where(from_front < 45.0, 0, idx)
-    idx = torch.where(from_front > 135.0, 2, idx)  # within 45 deg of azimuth 180
-    return torch.where(el > 60.0, 3, idx)
 
 
 def view_name(azimuth_deg, elevation_deg):
@@ -122,8 +82,6 @@ def sample_scenes(n: int, generator: torch.Generator, device="cpu", max_offset: 
         offset=torch.zeros(n, 3),
     )
     if max_offset > 0:  # drawn only when asked, so max_offset=0 keeps every earlier seed's scenes
-        from .render import camera_frame  # render.py imports this module, so import lazily
-
         _, right, up, _ = camera_frame(scene.azimuth_deg, scene.elevation_deg, scene.distance)
         moved = (torch.rand(n, generator=generator) < p_offset).float()[:, None]
         u, v = (_uniform(n, -max_offset, max_offset, generator)[:, None] for _ in range(2))
@@ -148,16 +106,3 @@ def caption(scene: Scene, i: int, view: bool = True, synonyms: bool = False,
     if view:
         text += f", {view_name(float(scene.azimuth_deg[i]), float(scene.elevation_deg[i]))} view"
     return text
-
-
-def sample_batch(n: int, generator: torch.Generator, size: int = 64, device="cpu",
-                 p_drop_view: float = 0.3, p_synonym: float = 0.2):
-    """Rendered images (n, 3, size, size) in [0, 1], captions, and integer labels."""
-    from .render import render  # render.py imports this module, so import lazily
-
-    scene = sample_scenes(n, generator, device)
-    keep_view = (torch.rand(n, generator=generator) >= p_drop_view).tolist()
-    use_synonym = (torch.rand(n, generator=generator) < p_synonym).tolist()
-    captions = [caption(scene, i, keep_view[i], use_synonym[i], generator) for i in range(n)]
-    labels = {"shape": scene.shape, "color": scene.color, "view": scene.views()}
-    return render(scene, size), captions, labels

@@ -2,12 +2,12 @@
 """One runner for every job: `python run.py JOB [PROMPT] [key=value ...]`.
 
     python run.py image "a red cube" steps=20 guidance=5 seed=3
-    python run.py image --prompts prompts.txt model=sd15
-    accelerate launch run.py image --prompts prompts.txt      # prompts split across GPUs (torchrun --nproc_per_node N on CPU)
+    python run.py 3d "a red cube" field.encoding=hashgrid export.formats=[glb]
+    accelerate launch run.py image --prompts prompts.txt      # prompts split across GPUs
 
-Options come from the job's dataclass defaults, then configs/<job>.yaml, then --config FILE, then
-key=value overrides; they are validated once, here, before anything is loaded or written.
-Bad input prints one line and exits with status 2.
+Options start from the job's dataclass defaults and the model preset's section, then --config FILE, then
+key=value words; they are checked once, before anything is loaded or written. A job's modules are imported
+only when it runs. Bad input prints one line and exits with status 2.
 """
 
 from __future__ import annotations
@@ -23,55 +23,54 @@ from pathlib import Path
 
 from pipelines import config
 from pipelines.errors import UserError
-from pipelines.image import ImageConfig
-from dreamfusion.config import ExportConfig, ThreeDConfig
-from toyworld.evaluate import EvalImageConfig
-from toyworld.evaluate_3d import Eval3DConfig
-from toyworld.evaluate_video import EvalVideoConfig
-from toyworld.judge import TrainJudgeConfig
-from toyworld.train_prior import TrainPriorConfig
-from video.pipeline import VideoConfig
-from video.train import TrainTemporalConfig
+
 
 @dataclass(frozen=True)
 class Job:
-    """One runnable job: its typed config, its preset (configs/<preset>.yaml) and the module whose
-    `main(cfg, [prompts,] out, progress)` runs it."""
+    """One runnable job: its config class and the module whose `main` runs it, both as import paths."""
 
-    cls: type
-    preset: str
+    config: str  # "module:Class", a torch-free module
     module: str
     summary: str
+    section: str | None = None  # the model presets' section that may change its defaults (configs/models/)
     prompt: bool = False  # takes a prompt (or --prompts FILE)
     run_dir: bool = False  # takes a run directory (export)
+    clips: bool = False  # trains on clips: `data=` names their source
+
+    def cls(self) -> type:
+        module, name = self.config.split(":")
+        return getattr(importlib.import_module(module), name)
 
 
 # `run.py JOB [WHAT]`: jobs with a prompt have no WHAT (key None); train/eval name what they act on.
 JOBS: dict[str, dict[str | None, Job]] = {
-    "image": {None: Job(ImageConfig, "image", "pipelines.image", "text -> image PNGs from the prior", prompt=True)},
-    "video": {None: Job(VideoConfig, "video", "video.pipeline",
+    "image": {None: Job("pipelines.options:ImageConfig", "pipelines.image", "text -> image PNGs from the prior",
+                        prompt=True)},
+    "video": {None: Job("video.config:VideoConfig", "video.pipeline",
                         "text -> MP4 clip: the prior's UNet inflated with temporal layers", prompt=True)},
-    "3d": {None: Job(ThreeDConfig, "3d", "dreamfusion.fit",
-                     "text -> 3D asset: SDS from the prior into a NeRF, exported as OBJ/GLB/PLY + turntables", prompt=True)},
-    "export": {None: Job(ExportConfig, "export", "dreamfusion.reexport",
+    "3d": {None: Job("dreamfusion.config:ThreeDConfig", "dreamfusion.fit",
+                     "text -> 3D asset: SDS from the prior into a NeRF, exported as OBJ/GLB/PLY + turntables",
+                     section="3d", prompt=True)},
+    "export": {None: Job("dreamfusion.config:ExportConfig", "dreamfusion.reexport",
                          "re-export a 3d run (or its last checkpoint) with other mesh/turntable settings", run_dir=True)},
     "train": {
-        "prior": Job(TrainPriorConfig, "train_prior", "toyworld.train_prior",
+        "prior": Job("toyworld.config:TrainPriorConfig", "toyworld.train_prior",
                      "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
-        "judge": Job(TrainJudgeConfig, "train_judge", "toyworld.judge",
+        "judge": Job("evals.config:TrainJudgeConfig", "evals.judge",
                      "the ToyWorld judge: a small CNN naming colour, shape and view"),
-        "temporal": Job(TrainTemporalConfig, "train_temporal", "video.train",
-                        "the video UNet's temporal layers on clips, the prior frozen (Make-A-Video)"),
-        "interpolation": Job(TrainTemporalConfig, "train_interpolation", "video.train",
-                             "the masked-frame model for interpolate= and image= (known frames + mask)"),
+        "temporal": Job("video.config:TrainTemporalConfig", "video.train",
+                        "the video UNet's temporal layers on clips, the prior frozen (Make-A-Video)", clips=True),
+        "interpolation": Job("video.config:TrainInterpolationConfig", "video.train",
+                             "the masked-frame model for interpolate= and image= (known frames + mask)", clips=True),
     },
     "eval": {
-        "image": Job(EvalImageConfig, "eval_image", "toyworld.evaluate",
+        "image": Job("evals.config:EvalImageConfig", "evals.image",
                      "the prior's images of every colour x shape prompt, scored by the judge"),
-        "video": Job(EvalVideoConfig, "eval_video", "toyworld.evaluate_video",
+        "video": Job("evals.config:EvalVideoConfig", "evals.video",
                      "clips of colour x shape x motion prompts: judge per frame, motion from silhouettes"),
-        "3d": Job(Eval3DConfig, "3d", "toyworld.evaluate_3d",
-                  "3D assets of colour x shape prompts: mesh IoU against the true primitive, judge on renders, views"),
+        "3d": Job("evals.config:Eval3DConfig", "evals.threed",
+                  "3D assets of colour x shape prompts: mesh IoU against the true primitive, judge on renders, views",
+                  section="3d"),
     },
 }
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -83,16 +82,24 @@ class Parser(argparse.ArgumentParser):
 
 
 def options_help(job: Job) -> str:
-    """Every option with its default as a plain command gets it (the job's preset, then the default model's
-    own section of it), and its one-line meaning."""
-    defaults = config.job_defaults(job.cls, job.preset)
+    """Every option with the default a plain command gets and its meaning, top-level options first, then
+    one block per group (`field.`, `camera.`, ...)."""
+    cls = job.cls()
+    defaults = config.job_defaults(cls, job.section)
+    model = getattr(defaults, "model", None)
+    lines = []
+    if model is not None and config.model_defaults(model, job.section):
+        lines.append(f"  (defaults for model={model}: the dataclass defaults with the `{job.section}:` section of "
+                     f"configs/models/{model}.yaml; another model starts from the dataclass defaults)")
     rows = config.describe(defaults)
     width = max(len(k) + len(d) for k, d, _ in rows) + 3
-    model = getattr(defaults, "model", None)
-    recipe = (f"  (defaults for model={model}, from the `{job.preset}:` section of configs/models/{model}.yaml over "
-              f"configs/{job.preset}.yaml; any other model starts from configs/{job.preset}.yaml)\n"
-              if model is not None and config.model_defaults(model, job.preset) else "")
-    return recipe + "\n".join(f"  {f'{k}={d}':<{width}} {h}" for k, d, h in rows)
+    groups = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls) if dataclasses.is_dataclass(getattr(defaults, f.name))}
+    for key, value, meaning in [r for r in rows if "." not in r[0]]:
+        lines.append(f"  {f'{key}={value}':<{width}} {meaning}")
+    for name, meaning in groups.items():
+        lines.append(f"\n {name}.  {meaning}")
+        lines += [f"  {f'{k}={v}':<{width}} {m}" for k, v, m in rows if k.startswith(name + ".")]
+    return "\n".join(lines)
 
 
 def jobs_help(name: str) -> str:
@@ -100,27 +107,30 @@ def jobs_help(name: str) -> str:
                         f"options (key=default  meaning):\n{options_help(job)}" for what, job in JOBS[name].items())
 
 
-def build_parser() -> Parser:
+def build_parser(detailed: str | None = None) -> Parser:
+    """The parser; `detailed` names the one job whose options its help lists (importing only its config)."""
     fmt = argparse.RawDescriptionHelpFormatter
-    every = "\n\n".join(jobs_help(name) for name in JOBS)
-    parser = Parser(prog="run.py", description=__doc__, formatter_class=fmt, epilog=every)
+    listing = "jobs:\n" + "\n".join(f"  {' '.join(filter(None, (name, what))):<20} {job.summary}"
+                                    for name, variants in JOBS.items() for what, job in variants.items())
+    parser = Parser(prog="run.py", description=__doc__, formatter_class=fmt,
+                    epilog=listing + "\n\n`python run.py JOB --help` lists a job's options, with their defaults.")
     sub = parser.add_subparsers(dest="job", metavar="JOB", required=True, parser_class=Parser)
     for name, variants in JOBS.items():
         summary = variants[None].summary if None in variants else f"{name}: " + ", ".join(variants)
-        p = sub.add_parser(name, help=summary, description=summary, formatter_class=fmt, epilog=jobs_help(name))
+        epilog = jobs_help(name) if name == detailed else None
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=fmt, epilog=epilog)
+        resumable = any("resume" in {f.name for f in dataclasses.fields(v.cls())} for v in variants.values())
         if None in variants and variants[None].run_dir:
             p.add_argument("args", nargs="*", metavar="RUN_DIR | key=value", help="the run directory, then option overrides")
         elif None in variants:
             p.add_argument("args", nargs="*", metavar="PROMPT | key=value", help="the prompt, then option overrides")
             p.add_argument("--prompts", metavar="FILE", help="run every line of FILE as a prompt (blank lines and # comments skipped)")
-            if "resume" in {f.name for f in dataclasses.fields(variants[None].cls)}:
-                p.add_argument("--resume", metavar="RUN_DIR", help="continue this run from its last checkpoint (same config)")
         else:
             p.add_argument("what", metavar="WHAT", help=" | ".join(variants))
             p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
-            if any("resume" in {f.name for f in dataclasses.fields(v.cls)} for v in variants.values()):
-                p.add_argument("--resume", metavar="RUN_DIR", help="continue this run where it stopped (same config; "
-                                                                  "the same as resume=RUN_DIR)")
+        if resumable:
+            p.add_argument("--resume", metavar="RUN_DIR", help="continue this run where it stopped (same config; "
+                                                              "the same as resume=RUN_DIR)")
         p.add_argument("--config", metavar="FILE", help="YAML file of options, applied before key=value overrides")
         p.add_argument("--out", metavar="DIR", default="outputs", help="root of the run directories (default: outputs)")
         p.add_argument("--quiet", action="store_true", help="no progress bars or info messages")
@@ -151,6 +161,17 @@ def read_prompts(words: list[str], prompts_file: str | None) -> list[str]:
     return [words[0].strip()]
 
 
+def clip_source(data: str):
+    """What `train temporal|interpolation data=` names: ToyWorld's rendered clips, or a folder of videos."""
+    if data == "toyworld":
+        from toyworld.video import rendered_clips
+
+        return rendered_clips
+    from video.data import video_folder
+
+    return video_folder(data)
+
+
 def configure_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname).1s %(name)s: %(message)s")
     for noisy in ("diffusers", "transformers", "huggingface_hub", "accelerate"):
@@ -166,26 +187,28 @@ def configure_logging(quiet: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser()
+        parser = build_parser(detailed=next((a for a in argv if a in JOBS), None) if {"-h", "--help"} & set(argv) else None)
         # key=value words may come after --options too; argparse leaves those over, so collect them.
         args, extra = parser.parse_known_args(argv)
         unknown = [e for e in extra if not OVERRIDE.match(e)]
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.args = args.args + extra
-        configure_logging(args.quiet)
         words, overrides = split_args(args.args)
         variants, what = JOBS[args.job], getattr(args, "what", None)
         if what not in variants:
             raise UserError(f"cannot {args.job} '{what}': choose one of {', '.join(variants)}")
         job = variants[what]
+        cls = job.cls()
         resume = getattr(args, "resume", None)
         if resume:
-            if "resume" not in {f.name for f in dataclasses.fields(job.cls)}:
+            if "resume" not in {f.name for f in dataclasses.fields(cls)}:
                 raise UserError(f"{args.job} {what} cannot be resumed: start it again")
             overrides = overrides + [f"resume={resume}"]
-        cfg = config.load(job.cls, job.preset, overrides, args.config)
+        cfg = config.load(cls, job.section, overrides, args.config)
+        configure_logging(args.quiet)
         runner = importlib.import_module(job.module).main
         if job.run_dir:
             if len(words) != 1:
@@ -197,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             runner(cfg, read_prompts(words, args.prompts), args.out, progress=not args.quiet)
         elif words:
             raise UserError(f"unexpected argument '{words[0]}': {args.job} options are key=value")
+        elif job.clips:
+            runner(cfg, args.out, progress=not args.quiet, clips=clip_source(cfg.data))
         else:
             runner(cfg, args.out, progress=not args.quiet)
         return 0

@@ -23,10 +23,11 @@ from typing import Callable, Optional
 import torch
 
 from pipelines import config
-from pipelines.image import ImageConfig, generate as generate_image
-from pipelines.options import PriorOptions
+from pipelines.image import generate as generate_image
+from pipelines.options import ImageConfig, PriorOptions
 from pipelines.prior import Prior
-from video.pipeline import VideoConfig, generate as generate_video, load_motion, load_video_prior, run as run_video
+from video.config import VideoConfig
+from video.pipeline import VideoModel, load_motion, run as run_video
 
 IMAGE_PROMPT = "a red cube"
 VIDEO_PROMPT = "a red ball moving right"
@@ -102,15 +103,15 @@ def sd15_random_components(device: str) -> dict:
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
-def fast_path(prior: Prior, s: Setting, modules: tuple[str, ...] = ("unet", "vae")) -> Prior:
+def fast_path(prior: Prior, s: Setting, modules: tuple[str, ...] = ("unet", "vae"), denoiser=None) -> Prior:
     """A view of `prior` whose `modules` are copies with the jobs' fast path on (the defaults of
     PriorOptions: fused q/k/v, channels_last on CUDA; compile and cuda_graphs as the setting asks), so a peer sharing
-    `prior`'s modules stays plain."""
+    `prior`'s modules stays plain; `denoiser` (a video UNet of its own) gets the fast path in the UNet's place."""
     fast = copy.copy(prior)
     for name in modules:
         setattr(fast, name, copy.deepcopy(getattr(prior, name)))
     defaults = PriorOptions()
-    return fast.speed_up(defaults.fuse_qkv, defaults.channels_last, s.compile, s.cuda_graphs)
+    return fast.speed_up(defaults.fuse_qkv, defaults.channels_last, s.compile, s.cuda_graphs, denoiser=denoiser)
 
 
 def _meta(prior: Prior, s: Setting, height: int, width: int, **extra) -> dict:
@@ -166,7 +167,7 @@ def motion_adapter(unet_config, size: str):
 
 def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None,
                sampler: str = "ddim", steps: Optional[int] = None) -> Case:
-    """video.pipeline.generate with a MotionAdapter loaded by `motion=FOLDER` (load_motion) vs diffusers'
+    """VideoModel.generate with a MotionAdapter loaded by `motion=FOLDER` (load_motion) vs diffusers'
     AnimateDiffPipeline with the same UNet and the same adapter folder. The peer always runs the setting's
     DDIM steps; `sampler`/`steps` change ours only (the fewer-steps row, `video-dpm`)."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
@@ -180,9 +181,8 @@ def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[
     with tempfile.TemporaryDirectory(prefix="bench-motion-") as folder:  # both sides load the same files
         adapter.to(prior.dtype).save_pretrained(folder, safe_serialization=True)
         del adapter
-        video_prior = copy.copy(prior)  # shares the text encoder; its own UNetMotionModel, and a VAE copy
-        video_prior.unet = load_motion(prior, folder)
-        video_prior = fast_path(video_prior, s, ("vae",))
+        video_unet = load_motion(prior, folder)  # its own UNetMotionModel; the text encoder is shared
+        model = VideoModel(fast_path(prior, s, ("vae",), denoiser=video_unet), video_unet, folder)
         pipe = AnimateDiffPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
                                    unet=prior.unet, motion_adapter=MotionAdapter.from_pretrained(folder),
                                    scheduler=DDIMScheduler.from_config(prior.noise_config))
@@ -190,7 +190,7 @@ def video_case(size: str, device: str, model: Optional[str] = None, s: Optional[
     pipe.set_progress_bar_config(disable=True)
 
     def ours():
-        return generate_video(video_prior, VIDEO_PROMPT, cfg, generator(s.seed), progress=False)  # (F, 3, H, W)
+        return model.generate(VIDEO_PROMPT, cfg, generator(s.seed), progress=False)  # (F, 3, H, W)
 
     def peer():
         return pipe(VIDEO_PROMPT, num_frames=s.frames, height=height, width=width, num_inference_steps=s.steps,
@@ -217,16 +217,17 @@ def video_dpm_case(size: str, device: str, model: Optional[str] = None, s: Optio
 
 
 def toyworld_video_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
-    """`python run.py video "a red ball moving right"` on ToyWorld after loading: configs/video.yaml, the
-    preset's temporal layers (identity ones while none ship), generation and the mp4/gif export.
+    """`python run.py video "a red ball moving right"` on ToyWorld after loading: the job's defaults, the
+    preset's temporal layers, generation and the mp4/gif export.
     No peer. Same in both sizes; `model` and `s` are ignored (the job's own defaults are the point)."""
-    cfg = config.load(VideoConfig, "video", [f"device={device}"])
-    prior, motion, _ = load_video_prior(cfg)
+    cfg = config.load(VideoConfig, None, [f"device={device}"])
+    model = VideoModel.load(cfg)
+    prior, motion = model.prior, model.motion
     height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)
     out = scratch_dir("bench-video-")  # run directories of the timed runs
 
     def ours():
-        return run_video(prior, VIDEO_PROMPT, cfg, cfg.seed, out, model_hash="", setup_s={}, progress=False)
+        return run_video(model, VIDEO_PROMPT, cfg, cfg.seed, out, model_hash="", setup_s={}, progress=False)
 
     setting = Setting(steps=cfg.steps, guidance=cfg.guidance, frames=cfg.frames, seed=cfg.seed)
     return Case("video-toyworld", ours, None, _meta(
@@ -241,7 +242,7 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
     """One step of `run.py 3d`'s objective (render the cameras, VAE encode, guided UNet, backward into the
     field) vs the same step written naively, as threestudio and ../shared/peers write it, on the same field,
     cameras and renderer. `small`: the ToyWorld recipe (configs/models/toyworld.yaml); `full`: the published
-    SD recipe (configs/3d.yaml: 64 px renders encoded at 512) on SD-1.5-sized random weights."""
+    SD recipe (the dataclass defaults: 64 px renders encoded at 512) on SD-1.5-sized random weights."""
     import torch.nn.functional as F
     from einops import rearrange
 
@@ -257,10 +258,11 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
     cfg = config.load(ThreeDConfig, "3d", [f"device={device}"] + (["model=sd15"] if size == "full" else []))
     torch.manual_seed(0)
     asset = Asset(cfg).to(device)
-    renderer = make_renderer(torch.device(device), cfg, cfg.bound)
+    renderer = make_renderer(torch.device(device), cfg.render, cfg.field.bound)
     prompts = ViewPrompts(prior, IMAGE_PROMPT, "", cfg)
-    objective = SDSObjective(asset, renderer, SDS(fast_path(prior, s), cfg), prompts, cfg)
-    step = cfg.ambient_only_steps + 1  # past the warm-up: shaded renders, normals
+    objective = SDSObjective(asset, renderer, SDS(fast_path(prior, s), cfg.guidance), prompts, cfg)
+    step = cfg.shading.ambient_only_steps + 1  # past the warm-up: shaded renders, normals
+    res = cfg.render.resolution
 
     def ours():
         asset.zero_grad(set_to_none=True)
@@ -269,10 +271,10 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
     def peer():
         asset.zero_grad(set_to_none=True)
         g = generator(0)
-        cams = sample_cameras(cfg.batch_size, cfg, g, device)
-        out = render(asset, renderer, cams, cfg.resolution, sample_shading(step, cfg, cams, g), cfg, train=True, generator=g)
-        images = rearrange(out["rgb"], "(b h w) c -> b c h w", b=cfg.batch_size, h=cfg.resolution)
-        size_px = cfg.encode_size or prior.default_size
+        cams = sample_cameras(cfg.batch_size, cfg.camera, g, device)
+        out = render(asset, renderer, cams, res, sample_shading(step, cfg.shading, cams, g), cfg, train=True, generator=g)
+        images = rearrange(out["rgb"], "(b h w) c -> b c h w", b=cfg.batch_size, h=res)
+        size_px = cfg.guidance.encode_size or prior.default_size
         images = F.interpolate(images, (size_px, size_px), mode="bilinear", align_corners=False)
         latents = prior.vae.encode((images * 2 - 1).to(prior.dtype)).latent_dist.sample() * prior.scaling_factor
         t = torch.randint(20, 980, (cfg.batch_size,), device=device)
@@ -284,12 +286,12 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
                              encoder_hidden_states=torch.cat([text.uncond, text.cond])).sample
         u, c = eps.float().chunk(2)
         w = (1 - prior.alphas_cumprod[t]).view(-1, 1, 1, 1)
-        (latents.float() * (w * (u + cfg.guidance * (c - u) - noise.float())).detach()).sum().backward()
+        (latents.float() * (w * (u + cfg.guidance.scale * (c - u) - noise.float())).detach()).sum().backward()
 
-    setting = Setting(steps=1, guidance=cfg.guidance, seed=0, compile=s.compile, cuda_graphs=s.cuda_graphs)
+    setting = Setting(steps=1, guidance=cfg.guidance.scale, seed=0, compile=s.compile, cuda_graphs=s.cuda_graphs)
     return Case("sds", ours, peer, _meta(
-        prior, setting, cfg.resolution, cfg.resolution, sampler="sds", batch=cfg.batch_size,
-        encode_size=cfg.encode_size or prior.default_size,
+        prior, setting, res, res, sampler="sds", batch=cfg.batch_size,
+        encode_size=cfg.guidance.encode_size or prior.default_size,
         peer="a naive latent SDS step written as threestudio writes it (same field and renderer)",
         includes="field render + VAE encode + guided UNet + backward"))
 
@@ -310,8 +312,8 @@ def asset_case(size: str, device: str, model: Optional[str] = None, s: Optional[
 
     cfg = config.load(ThreeDConfig, "3d", [])
     return Case("3d-asset", ours, None, {
-        "model": "toyworld", "steps": cfg.steps, "height": cfg.resolution, "width": cfg.resolution, "peer": None,
-        "sampler": "sds", "guidance": cfg.guidance, "dtype": "float32",
+        "model": "toyworld", "steps": cfg.steps, "height": cfg.render.resolution, "width": cfg.render.resolution,
+        "peer": None, "sampler": "sds", "guidance": cfg.guidance.scale, "dtype": "float32",
         "includes": "load + fit + marching cubes + OBJ/GLB/PLY + both turntables", "target_s": 600.0,
         "target": "≤ 10 min on 2 CPU cores"})
 

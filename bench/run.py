@@ -4,11 +4,8 @@ Each case (bench/cases.py) runs its `ours` and `peer` callables once each as a w
 `--repeats` times each, interleaved (ours, peer, ours, peer, ...) so that load from other processes
 falls on both sides alike. The reported time is the median of the repeats; warm-up is reported apart.
 
-Peak memory, per side, the largest over its repeats:
-- CUDA: torch.cuda.max_memory_allocated during the run (weights included);
-- CPU: the rise of the process's resident memory (RSS, /proc/self/statm sampled every 10 ms) over
-  its value when the run started, after glibc's malloc_trim has returned freed memory to the OS:
-  activations and workspace, the weights being already resident.
+Peak memory per side: CUDA's max_memory_allocated (weights included), or on CPU the rise of the resident
+memory over its value at the start (sampled every 10 ms, after malloc_trim): bench/README.md has the details.
 """
 
 from __future__ import annotations

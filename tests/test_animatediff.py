@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import run
-from pipelines import Prior
-from video.pipeline import VideoConfig, generate, load_motion
+from pipelines.prior import Prior
+from video.config import VideoConfig
+from video.pipeline import VideoModel, load_motion
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def test_matches_animatediff_pipeline(tiny_sd, tiny_adapter):
                generator=torch.Generator("cpu").manual_seed(2), output_type="pt").frames[0]  # (f, c, h, w)
 
     prior = Prior.from_pretrained(str(tiny_sd))
-    prior.unet = load_motion(prior, str(tiny_adapter))
+    model = VideoModel(prior, load_motion(prior, str(tiny_adapter)), str(tiny_adapter))
     cfg = VideoConfig(model=str(tiny_sd), sampler="ddim", steps=3, guidance=7.5, frames=4, height=16, width=16)
-    ours = generate(prior, "a red ball moving right", cfg, torch.Generator("cpu").manual_seed(2), progress=False)
+    ours = model.generate("a red ball moving right", cfg, torch.Generator("cpu").manual_seed(2), progress=False)
     assert ours.shape == ref.shape == (4, 3, 16, 16)
     assert np.abs(ours.numpy() - ref.float().numpy()).max() < 1e-4
 

@@ -171,17 +171,39 @@ def test_help_lists_every_option():
                           timeout=120)
     assert proc.returncode == 0
     from pipelines.config import describe
-    from pipelines.image import ImageConfig
+    from pipelines.options import ImageConfig
 
     for key, _, meaning in describe(ImageConfig()):
         assert key in proc.stdout and meaning in proc.stdout
 
 
-def test_3d_help_shows_toyworlds_recipe_and_says_whose_it_is():
+def test_3d_help_shows_toyworlds_recipe_by_group_and_says_whose_it_is():
     from run import JOBS, options_help
 
     text = options_help(JOBS["3d"][None])
-    assert "defaults for model=toyworld" in text and "steps=600 " in text and "guidance=30.0 " in text
+    assert "defaults for model=toyworld" in text and "steps=600 " in text and "guidance.scale=30.0 " in text
+    groups = [line.split()[0] for line in text.splitlines() if line.startswith(" ") and line.split()[0].endswith(".")]
+    assert groups == ["field.", "camera.", "shading.", "render.", "guidance.", "loss.", "export."]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["image", "--help"], ["3d", "--help"], ["eval", "--help"]])
+def test_help_imports_no_job(argv):
+    """`run.py --help` reads only the torch-free config modules: no job, no torch, no trimesh."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import run\n"
+            "try:\n    run.main(sys.argv[2:])\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'diffusers', 'transformers', 'trimesh', 'dreamfusion.fit', "
+            "'video.pipeline') if m in sys.modules), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT), *argv], capture_output=True, text=True, timeout=120)
+    assert "usage:" in proc.stdout and "heavy: []" in proc.stderr, proc.stderr[-500:]
+
+
+def test_a_key_in_another_group_is_named(tmp_path, capsys):
+    assert run_cli("3d", "a red cube", "mesh_resolution=96", "--out", tmp_path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: unknown config key 'mesh_resolution': did you mean 'export.mesh_resolution'?"
+    assert run_cli("3d", "a red cube", "field.encodng=hashgrid", "--out", tmp_path) == 2
+    assert "did you mean 'field.encoding'?" in capsys.readouterr().err
+    assert not (tmp_path / "3d").exists()
 
 
 @pytest.mark.parametrize("prompt", ["../../etc/passwd", "a/b\\c", "x" * 500, "....", "日本語"])

@@ -1,12 +1,12 @@
-"""Typed configs: presets, overrides, validation."""
+"""Typed configs: dataclass defaults, model presets, overrides, validation."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import pytest
 
 from pipelines.config import build, load, option, parse_overrides
 from pipelines.errors import UserError
-from pipelines.image import ImageConfig
+from pipelines.options import ImageConfig
 
 
 @dataclass
@@ -34,11 +34,11 @@ def test_nested_build_and_nearest_key():
 
 
 def test_presets_then_overrides():
-    cfg = load(ImageConfig, "image", ["steps=3", "guidance=2", "seed=9", "model=sd15"])
+    cfg = load(ImageConfig, None, ["steps=3", "guidance=2", "seed=9", "model=sd15"])
     assert (cfg.steps, cfg.guidance, cfg.seed, cfg.model) == (3, 2.0, 9, "sd15")
     assert isinstance(cfg.guidance, float)
-    assert load(ImageConfig, "image", ["guidance=5e-1"]).guidance == 0.5  # YAML 1.1 reads 5e-1 as a string
-    assert load(ImageConfig, "image", []).sampler == "ddim"
+    assert load(ImageConfig, None, ["guidance=5e-1"]).guidance == 0.5  # YAML 1.1 reads 5e-1 as a string
+    assert load(ImageConfig, None, []).sampler == "ddim"
 
 
 @pytest.mark.parametrize("override, message", [
@@ -53,37 +53,68 @@ def test_presets_then_overrides():
 ])
 def test_type_and_range_errors(override, message):
     with pytest.raises(UserError, match=message):
-        load(ImageConfig, "image", [override])
+        load(ImageConfig, None, [override])
 
 
 def test_config_file_layer(tmp_path):
     f = tmp_path / "my.yaml"
     f.write_text("steps: 7\nguidance: 3\n")
-    cfg = load(ImageConfig, "image", ["guidance=4"], config_file=str(f))
+    cfg = load(ImageConfig, None, ["guidance=4"], config_file=str(f))
     assert (cfg.steps, cfg.guidance) == (7, 4.0)
     f.write_text("stepz: 7\n")
     with pytest.raises(UserError, match="did you mean 'steps'"):
-        load(ImageConfig, "image", [], config_file=str(f))
+        load(ImageConfig, None, [], config_file=str(f))
 
 
-def test_toyworld_preset_carries_its_own_3d_recipe_and_every_real_prior_gets_the_published_one(tmp_path):
-    """configs/3d.yaml is the published SDS recipe: sd15, sd21-base, a local folder and a hub id all get it. The
-    ToyWorld preset's `3d:` section overrides every key of it, then --config and key=value override both."""
+def test_toyworld_preset_holds_only_its_differences_and_every_real_prior_gets_the_dataclass_defaults(tmp_path):
+    """The dataclass defaults are the published SDS recipe: sd15, sd21-base, a local folder and a hub id all get
+    it. The ToyWorld preset's `3d:` section changes only what differs, then --config and key=value override both."""
     from dreamfusion.config import ThreeDConfig
-    from dreamfusion.shading import TOYWORLD_LIGHT_OFFSET
     from pipelines import config
 
     toy = config.load(ThreeDConfig, "3d", [])
     sd = config.load(ThreeDConfig, "3d", ["model=sd15"])
     folder = config.load(ThreeDConfig, "3d", [f"model={tmp_path}"])  # any other model: a folder or hub id
-    assert (toy.distance_range, toy.background, toy.encode_size, toy.steps) == ((3.2, 3.8), "fixed", None, 600)
-    assert (sd.steps, sd.encode_size, sd.guidance, sd.background, sd.encoding) == (10000, 512, 100.0, "mlp", "hashgrid")
-    assert (toy.albedo_network, sd.albedo_network) == ("shared", "separate")
-    assert (toy.light_offset, sd.light_offset) == (TOYWORLD_LIGHT_OFFSET, (0.0, 0.0))  # ToyWorld's light; DreamFusion's
-    assert (toy.refine_canvas, sd.refine_canvas) == ("plain", "fit")  # one-colour objects; textured ones keep theirs
+    assert (toy.camera.distance_range, toy.field.background, toy.guidance.encode_size, toy.steps) == (
+        (3.2, 3.8), "fixed", None, 600)
+    assert (sd.steps, sd.guidance.encode_size, sd.guidance.scale, sd.field.background, sd.field.encoding) == (
+        10000, 512, 100.0, "mlp", "hashgrid")
+    assert (toy.field.albedo_network, sd.field.albedo_network) == ("shared", "separate")
+    assert (toy.shading.light_offset, sd.shading.light_offset) == ((0.6, -0.4), (0.0, 0.0))  # ToyWorld's light; DreamFusion's
+    assert config.to_dict(sd) == {**config.to_dict(ThreeDConfig()), "model": "sd15"}  # the defaults are the SD recipe
     assert config.to_dict(folder) == {**config.to_dict(sd), "model": str(tmp_path)}
     assert config.to_dict(config.load(ThreeDConfig, "3d", ["model=sd21-base"])) == {**config.to_dict(sd), "model": "sd21-base"}
-    sd_keys = set(config.preset("3d"))
-    assert sd_keys <= set(config.model_defaults("toyworld", "3d"))  # nothing of the SD recipe leaks into ToyWorld's
+    defaults = config.flatten(config.to_dict(ThreeDConfig()))
+    section = config.flatten(config.model_defaults("toyworld", "3d"))
+    assert section and all(defaults[k] != v for k, v in section.items())  # only what differs, every key a real option
     assert config.load(ThreeDConfig, "3d", ["model=sd15", "steps=7"]).steps == 7
     assert config.to_dict(config.job_defaults(ThreeDConfig, "3d")) == config.to_dict(toy)  # what --help shows
+
+
+def test_3d_parts_get_their_own_groups():
+    """Every 3D part's options sit in its own group, and each group is a dataclass that validates itself."""
+    from dreamfusion.config import ThreeDConfig
+
+    cfg = ThreeDConfig()
+    groups = [f.name for f in fields(cfg) if is_dataclass(getattr(cfg, f.name))]
+    assert groups == ["field", "camera", "shading", "render", "guidance", "loss", "export"]
+    for name in groups:
+        assert callable(getattr(getattr(cfg, name), "validate"))
+    with pytest.raises(UserError, match="field.bound must be positive"):
+        load(ThreeDConfig, "3d", ["field.bound=0"])
+    with pytest.raises(UserError, match="is a group of options"):
+        load(ThreeDConfig, "3d", ["field=3"])
+
+
+def test_model_presets_are_typed(tmp_path, monkeypatch):
+    """A model preset holds weights, motion folders and per-job sections, nothing else; a typo is named."""
+    from pipelines import config
+
+    presets = config.model_presets()
+    assert presets["toyworld"].path == "models/toyworld" and presets["toyworld"].motion == "models/toyworld-motion"
+    assert presets["sd15"].id and presets["sd15"].path is None and presets["sd15"].jobs == {}
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "mine.yaml").write_text("path: somewhere\nmotoin: x\n")
+    monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
+    with pytest.raises(UserError, match="unknown key 'motoin'"):
+        config.model_preset("mine")

@@ -11,11 +11,13 @@ import torch
 import trimesh
 
 from dreamfusion.export import (auto_iso_level, check_resolution, density_grid, estimate_grid_bytes, extract_mesh,
-                                max_density_along_rays, render_mesh, write_meshes, write_turntable)
+                                max_density_along_rays, render_mesh, write_meshes)
 from pipelines.errors import UserError
-from toyworld.render import AMBIENT, DIFFUSE, SPHERE_RADIUS, camera_rays, render_with_aux
+from pipelines.geometry import AMBIENT, DIFFUSE, camera_frame, camera_rays
+from pipelines.media import write_mp4
+from tests.tiny import probe
+from toyworld.render import SPHERE_RADIUS, render_with_aux
 from toyworld.world import Scene
-from video.export import probe
 
 PEAK, SHARPNESS = 10.0, 20.0  # density PEAK inside; the level PEAK / 2 lies exactly on each sphere
 
@@ -137,7 +139,8 @@ def test_auto_iso_level_recovers_a_known_level():
 
 def test_auto_iso_level_matches_a_rendered_silhouette():
     field = Blobs()
-    origins, dirs = (x.reshape(-1, 3) for x in camera_rays([0.0, 120.0], [10.0, 50.0], 3.0, 40.0, 32))
+    frame = camera_frame([0.0, 120.0], [10.0, 50.0], 3.0)
+    origins, dirs = (x.reshape(-1, 3) for x in camera_rays(*frame, 40.0, 32))
     # Quadrature opacity 1 - exp(-sum sigma dt) along each ray, as a NeRF would render it.
     t = torch.linspace(1.5, 4.5, 400)
     sigma = field.query_density((origins[:, None] + t[:, None] * dirs[:, None]).reshape(-1, 3)).reshape(-1, 400)
@@ -189,7 +192,7 @@ def test_render_mesh_matches_toyworld_camera():
 
 def test_turntable_mp4(tmp_path):
     frames = render_mesh(sphere_mesh(24), torch.arange(4) * 90.0, 15.0, 3.0, 40.0, 32)
-    info = probe(write_turntable(tmp_path / "turntable.mp4", frames, fps=8))
+    info = probe(write_mp4(tmp_path / "turntable.mp4", frames, fps=8))  # how export_asset writes turntables
     assert info["frames"] == 4 and info["codec"] == "h264"
 
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dreamfusion.guidance import SDS, GuidanceOptions, perpendicular
+from dreamfusion.config import GuidanceConfig
+from dreamfusion.guidance import SDS, perpendicular
 from pipelines.errors import UserError
 from pipelines.prior import Prior
 
@@ -14,7 +15,7 @@ def prior(tiny_sd):
 
 
 def test_sds_gradient_is_weighted_noise_residual(prior):
-    sds = SDS(prior, GuidanceOptions(guidance=7.0))
+    sds = SDS(prior, GuidanceConfig(scale=7.0, encode_size=None))
     text = prior.encode_prompt(["a red cube", "a blue ball"])
     latents = torch.randn(2, 4, 8, 8, requires_grad=True)
     t, noise = torch.tensor([100, 700]), torch.randn(2, 4, 8, 8)
@@ -30,7 +31,7 @@ def test_sds_gradient_is_weighted_noise_residual(prior):
 
 
 def test_sds_loss_draws_t_in_range_and_is_reproducible(prior):
-    sds = SDS(prior, GuidanceOptions())
+    sds = SDS(prior, GuidanceConfig(encode_size=None))  # the prior's own size
     text = prior.encode_prompt(["a red cube"] * 4)
     images = torch.rand(4, 3, prior.default_size, prior.default_size)
     a = sds.loss(images, text, 0.0, torch.Generator().manual_seed(3))
@@ -41,7 +42,7 @@ def test_sds_loss_draws_t_in_range_and_is_reproducible(prior):
 
 
 def test_sds_gradient_reaches_the_render(prior):
-    sds = SDS(prior, GuidanceOptions(guidance=100.0))
+    sds = SDS(prior, GuidanceConfig(scale=100.0, encode_size=None))
     images = torch.rand(1, 3, 32, 32, requires_grad=True)  # resized to the prior's size before encoding
     loss, _ = sds.loss(images, prior.encode_prompt(["a red cube"]), 0.5, torch.Generator().manual_seed(0))
     loss.backward()
@@ -53,7 +54,7 @@ def test_upper_time_anneals():
         num_train_timesteps, default_size = 1000, 8
         alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
 
-    sds = SDS(FakePrior(), GuidanceOptions(t_max=0.98, t_max_end=0.5))
+    sds = SDS(FakePrior(), GuidanceConfig(t_max=0.98, t_max_end=0.5))
     assert sds.t_range(0.0) == (20, 980) and sds.t_range(1.0) == (20, 500) and sds.t_range(0.5)[1] == 740
 
 
@@ -63,7 +64,7 @@ def test_perp_neg_removes_only_the_perpendicular_part(prior):
     assert (p * y).sum((1, 2, 3)).abs().max() < 1e-4
     torch.testing.assert_close(perpendicular(3 * y, y), torch.zeros_like(y), atol=1e-5, rtol=0)
 
-    sds = SDS(prior, GuidanceOptions(guidance=10.0, perp_neg=True, perp_neg_weight=1.0))
+    sds = SDS(prior, GuidanceConfig(scale=10.0, encode_size=None, perp_neg=True, perp_neg_weight=1.0))
     text = prior.encode_prompt(["a red cube, front view"])
     same = prior.encode_prompt(["a red cube, front view"])  # a negative parallel to the positive: no change
     latents, noise, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8), torch.tensor([500])
@@ -73,8 +74,8 @@ def test_perp_neg_removes_only_the_perpendicular_part(prior):
     assert not torch.allclose(sds.grad(latents, text, t, noise, negatives=[other]), sds.grad(latents, text, t, noise))
 
 
-@pytest.mark.parametrize("bad", [dict(guidance=-1.0), dict(t_min=0.5, t_max=0.4), dict(t_max=1.5),
+@pytest.mark.parametrize("bad", [dict(scale=-1.0), dict(t_min=0.5, t_max=0.4), dict(t_max=1.5),
                                  dict(weighting="nope"), dict(encode_size=2)])
 def test_bad_guidance_options(bad):
     with pytest.raises(UserError):
-        GuidanceOptions(**bad).validate()
+        GuidanceConfig(**bad).validate()

@@ -3,7 +3,6 @@
 import math
 import sys
 import types
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,21 +10,19 @@ import torch.nn.functional as F
 from einops import repeat
 from torch import nn
 
-from dreamfusion.cameras import (CameraConfig, camera_rays, orbit_cameras, sample_cameras, view_names,
-                                 view_prompts)
-from dreamfusion.field import Background, FieldConfig, NeRFField
-from dreamfusion.renderer import (BatchedRenderer, NerfaccRenderer, RenderConfig, make_renderer, ray_aabb,
-                                  render_rays)
-from dreamfusion.shading import (EVAL_AMBIENT, EVAL_DIFFUSE, TOYWORLD_LIGHT_OFFSET, ShadingConfig, fixed_light,
-                                 sample_shading, shade)
-from pipelines.config import build
+from dreamfusion.cameras import camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
+from dreamfusion.config import CameraConfig, FieldConfig, RenderConfig, ShadingConfig
+from dreamfusion.field import Background, NeRFField
+from dreamfusion.renderer import BatchedRenderer, NerfaccRenderer, make_renderer
+from dreamfusion.shading import eval_shading, sample_shading, shade
+from pipelines.config import build, model_defaults
 from pipelines.errors import UserError
+from pipelines.geometry import KEY_LIGHT_OFFSET, ray_aabb
 from tests.conftest import requires_cuda
-from toyworld.render import AMBIENT, DIFFUSE, _light_dirs
-from toyworld.render import camera_rays as toyworld_camera_rays
-from toyworld.world import VIEWS, view_index
+from toyworld.render import AMBIENT, DIFFUSE
 
 BOUND = 1.5
+NO_JITTER = dict(center_jitter=0.0, position_jitter=0.0, up_jitter=0.0)  # the jitters default to threestudio's
 BG = torch.tensor([0.2, 0.4, 0.6])
 ALBEDO = torch.tensor([0.9, 0.5, 0.1])
 
@@ -112,16 +109,6 @@ def test_chunks_give_the_same_image_and_global_ray_indices():
     torch.testing.assert_close(whole["rgb"], op * torch.arange(n)[:, None] / n + (1 - op) * BG, atol=1e-5, rtol=0)
 
 
-def test_functional_render_rays_uses_the_given_renderer_or_a_batched_one():
-    origins, dirs = through_origin(torch.eye(3))
-    renderer = BatchedRenderer(RenderConfig(samples_per_ray=8), BOUND)
-    a = render_rays(origins, dirs, BoxField(1.0), fixed_bg, albedo_only, cfg=RenderConfig(), renderer=renderer)
-    b = render_rays(origins, dirs, BoxField(1.0), fixed_bg, albedo_only, cfg=RenderConfig(samples_per_ray=8), bound=BOUND)
-    torch.testing.assert_close(a["rgb"], b["rgb"])
-    with pytest.raises(ValueError):
-        render_rays(origins, dirs, BoxField(1.0), fixed_bg, albedo_only, cfg=RenderConfig())
-
-
 def test_ray_aabb_starts_inside_rays_at_zero():
     near, far = ray_aabb(torch.zeros(1, 3), torch.tensor([[0.0, 1, 0]]), BOUND)
     assert near.item() == 0 and far.item() == pytest.approx(BOUND)
@@ -132,30 +119,9 @@ def test_ray_aabb_starts_inside_rays_at_zero():
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
 def test_blob_is_dense_at_the_centre_and_empty_outside_the_cube(encoding):
     torch.manual_seed(0)
-    field = NeRFField(FieldConfig(encoding=encoding, hash_log2_size=12))
-    density = field.query_density(torch.tensor([[0.0, 0, 0], [1.4, 0, 0], [0, 1.6, 0]]))
+    field = NeRFField(FieldConfig(bound=1.5, encoding=encoding, hash_log2_size=12))
+    density = field.query_density(torch.tensor([[0.0, 0, 0], [1.4, 0, 0], [0, 1.6, 0]]))  # centre, in, out
     assert density[0] > 5 and density[0] > 100 * density[1] and density[2] == 0
-
-
-def test_blob_fade_takes_out_the_centre_and_keeps_the_outside_negative():
-    torch.manual_seed(0)
-    cfg = FieldConfig(blob_density=10.0, blob_radius=0.5, blob_fade=0.2)
-    faded, whole = NeRFField(cfg), NeRFField(FieldConfig(blob_density=10.0, blob_radius=0.5))
-    whole.load_state_dict(faded.state_dict())
-    x = torch.tensor([[0.0, 0, 0], [0.25, 0, 0], [1.0, 0, 0]])  # centre (+10), half radius (+5), outside (-10)
-    raw = faded.trunk(faded.encoding(x / cfg.bound))[:, 0]
-    softplus = lambda blob: F.softplus(raw + torch.tensor(blob))
-    with torch.no_grad():
-        torch.testing.assert_close(faded.query_density(x), whole.query_density(x))  # at the start: the whole blob
-        faded.anneal(0.1)  # half way through the fade
-        torch.testing.assert_close(faded.query_density(x), softplus([5.0, 2.5, -10.0]))
-        faded.anneal(0.5)  # past it: only the negative outside is left
-        torch.testing.assert_close(faded.query_density(x), softplus([0.0, 0.0, -10.0]))
-        whole.anneal(0.5)
-        torch.testing.assert_close(whole.query_density(x), softplus([10.0, 5.0, -10.0]))
-    assert faded.state_dict()["blob_scale"] == 0  # an exported or resumed field keeps the fade
-    with pytest.raises(UserError, match="blob_fade"):
-        FieldConfig(blob_fade=1.5).validate()
 
 
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
@@ -215,29 +181,62 @@ def test_configs_reject_bad_values_with_one_line_errors():
 
 # ---------------------------------------------------------------- cameras
 
-def test_zero_jitter_rays_match_toyworld():
-    cams = sample_cameras(4, CameraConfig(), torch.Generator().manual_seed(0))
-    ours = camera_rays(cams, 8)
-    theirs = toyworld_camera_rays(cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg, 8)
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+def _hand_camera(azimuth_deg, elevation_deg, distance, fov_deg, size):
+    """The camera convention written out by hand for one camera: eye d (cos el cos az, cos el sin az, sin el)
+    looking at the origin with z up, image right horizontal, pixel [0, 0] the top-left corner and pixel
+    centres at (i + 0.5) / size on [-1, 1] of tan(fov / 2). Returns eye, right, up, forward and dirs (H, W, 3)."""
+    az, el = math.radians(azimuth_deg), math.radians(elevation_deg)
+    eye = distance * torch.tensor([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
+    forward = -eye / distance
+    right = torch.tensor([-math.sin(az), math.cos(az), 0.0])  # forward x z, normalised
+    up = torch.tensor([-math.sin(el) * math.cos(az), -math.sin(el) * math.sin(az), math.cos(el)])  # right x forward
+    centres = (torch.arange(size) + 0.5) / size * 2 - 1
+    u, v = centres[None, :, None], -centres[:, None, None]  # u grows along a row, v is +1 at the top row
+    dirs = F.normalize(forward + math.tan(math.radians(fov_deg) / 2) * (u * right + v * up), dim=-1)
+    return eye, right, up, forward, dirs
+
+
+def test_zero_jitter_cameras_and_rays_follow_the_documented_pinhole_convention():
+    """pipelines.geometry's frame and rays (ToyWorld's renderer and the 3D job share them) against the
+    convention computed by hand, per camera and per pixel."""
+    size = 8
+    cams = sample_cameras(4, CameraConfig(**NO_JITTER), torch.Generator().manual_seed(0))
     orbit = orbit_cameras(3, elevation_deg=30.0, distance=3.0, fov_deg=40.0)
     assert orbit.azimuth_deg.tolist() == [0.0, 120.0, 240.0]
-    theirs = toyworld_camera_rays(orbit.azimuth_deg, orbit.elevation_deg, orbit.distance, orbit.fov_deg, 4)
-    torch.testing.assert_close(camera_rays(orbit, 4)[1], theirs[1], atol=1e-6, rtol=0)
+    for batch in (cams, orbit):
+        origins, dirs = camera_rays(batch, size)
+        assert origins.shape == dirs.shape == (len(batch), size, size, 3)
+        for b in range(len(batch)):
+            eye, right, up, forward, expected = _hand_camera(batch.azimuth_deg[b].item(), batch.elevation_deg[b].item(),
+                                                             batch.distance[b].item(), batch.fov_deg[b].item(), size)
+            for name, axis in [("eye", eye), ("right", right), ("up", up), ("forward", forward)]:
+                torch.testing.assert_close(getattr(batch, name)[b], axis, atol=1e-5, rtol=0, msg=name)
+            torch.testing.assert_close(origins[b], eye.expand(size, size, 3), atol=1e-5, rtol=0)
+            torch.testing.assert_close(dirs[b], expected, atol=1e-5, rtol=0)
+            assert (dirs[b, 0, 0] @ up) > 0 and (dirs[b, 0, 0] @ right) < 0  # pixel [0, 0] looks up and left
 
 
-def test_view_names_agree_with_toyworld_view_index():
+def test_view_names_follow_dreamfusions_view_rule():
+    """overhead above the overhead threshold, else front / back within the thresholds of azimuth 0 / 180
+    (any turn of the circle), else side: hand-picked cases, with the default and with other thresholds."""
+    cases = [(0, 0, "front"), (44, 10, "front"), (-44, 10, "front"), (316, 0, "front"), (370, -5, "front"),
+             (46, 0, "side"), (90, 30, "side"), (-90, 30, "side"), (134, 0, "side"), (270, 0, "side"),
+             (136, 0, "back"), (180, 0, "back"), (-170, 20, "back"), (540, 0, "back"),
+             (0, 61, "overhead"), (180, 85, "overhead"), (90, 59, "side")]
+    az, el, expected = zip(*cases)
+    assert view_names(torch.tensor(az, dtype=torch.float32), torch.tensor(el, dtype=torch.float32),
+                      CameraConfig()) == list(expected)
+    other = CameraConfig(front_threshold=10.0, back_threshold=80.0, overhead_threshold=20.0)
+    assert view_names([15.0, 5.0, 110.0, 90.0, 0.0], [0.0, 0.0, 0.0, 0.0, 25.0], other) == [
+        "side", "front", "back", "side", "overhead"]
     az, el = torch.meshgrid(torch.arange(-360.0, 361.0, 7.5), torch.arange(-10.0, 86.0, 5.0), indexing="ij")
-    names = view_names(az.flatten(), el.flatten(), CameraConfig())
-    assert names == [VIEWS[i] for i in view_index(az.flatten(), el.flatten()).tolist()]
-    assert set(names) == {"front", "side", "back", "overhead"}
+    assert set(view_names(az.flatten(), el.flatten(), CameraConfig())) == {"front", "side", "back", "overhead"}
     assert view_prompts("a red cube", ["front", "overhead"]) == ["a red cube, front view", "a red cube, overhead view"]
 
 
 def test_sampled_cameras_stay_in_their_ranges_and_are_orthonormal():
     cfg = CameraConfig(elevation_range=(5.0, 30.0), azimuth_range=(-90.0, 45.0), distance_range=(2.0, 2.5),
-                       fov_range=(20.0, 30.0))
+                       fov_range=(20.0, 30.0), **NO_JITTER)
     cams = sample_cameras(256, cfg, torch.Generator().manual_seed(0))
     for name, (lo, hi) in [("elevation_deg", cfg.elevation_range), ("azimuth_deg", cfg.azimuth_range),
                            ("distance", cfg.distance_range), ("fov_deg", cfg.fov_range)]:
@@ -268,29 +267,39 @@ def test_lambertian_and_textureless_shading():
 
 def test_sampled_shading_warms_up_on_albedo_and_lights_sit_near_the_camera():
     cams = sample_cameras(16, CameraConfig(), torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(1)
-    assert {sample_shading(s, ShadingConfig(), cams, gen).mode for s in range(50)} == {"albedo"}
-    modes = [sample_shading(1000, ShadingConfig(), cams, gen).mode for _ in range(300)]
-    assert 0.1 < modes.count("albedo") / 300 < 0.3 and 0.22 < modes.count("textureless") / 300 < 0.42
+    gen, cfg = torch.Generator().manual_seed(1), ShadingConfig()
+    warm_up = [*range(50), cfg.ambient_only_steps - 1]
+    assert {sample_shading(s, cfg, cams, gen).mode for s in warm_up} == {"albedo"}
+    modes = [sample_shading(cfg.ambient_only_steps, cfg, cams, gen).mode for _ in range(300)]
+    assert abs(modes.count("albedo") / 300 - cfg.albedo_prob) < 0.1
+    assert abs(modes.count("textureless") / 300 - (1 - cfg.albedo_prob) * cfg.textureless_prob) < 0.1
+    assert "lambertian" in modes
     light = sample_shading(0, ShadingConfig(light_jitter=0.0), cams, gen).light
-    ratio = light.norm(dim=-1) / cams.distance
+    ratio = light.norm(dim=-1) / cams.eye.norm(dim=-1)  # in units of the (jittered) camera's distance
     assert ((ratio >= 0.8 - 1e-5) & (ratio <= 1.5 + 1e-5)).all()
     torch.testing.assert_close(F.normalize(light, dim=-1), F.normalize(cams.eye, dim=-1))
 
 
-def test_fixed_light_is_toyworlds_key_light():
-    cams = orbit_cameras(4, elevation_deg=25.0)
-    scene = SimpleNamespace(azimuth_deg=cams.azimuth_deg, elevation_deg=cams.elevation_deg,
-                            distance=cams.distance, yaw_deg=torch.zeros(4))
-    torch.testing.assert_close(F.normalize(fixed_light(cams), dim=-1), _light_dirs(scene))
-    assert (EVAL_AMBIENT, EVAL_DIFFUSE) == (AMBIENT, DIFFUSE)
+def test_eval_shading_is_toyworlds_key_light():
+    """Evaluation renders are lit as ToyWorld's images: Lambertian with its intensities, under a far light
+    towards the camera moved 0.6 up and 0.4 left in the camera's frame (worked out by hand at elevation 0)."""
+    cams = orbit_cameras(4, elevation_deg=0.0)  # azimuths 0, 90, 180, 270
+    shading = eval_shading(cams)
+    assert (shading.mode, shading.ambient, shading.diffuse) == ("lambertian", AMBIENT, DIFFUSE)
+    az = torch.deg2rad(cams.azimuth_deg)
+    # towards the camera (cos az, sin az, 0) + 0.6 up (0, 0, 1) - 0.4 right (-sin az, cos az, 0)
+    toward = torch.stack([az.cos() + 0.4 * az.sin(), az.sin() - 0.4 * az.cos(), torch.full_like(az, 0.6)], -1)
+    torch.testing.assert_close(F.normalize(shading.light, dim=-1), F.normalize(toward, dim=-1))
+    assert (shading.light.norm(dim=-1) > 1000 * cams.distance).all()  # far: the same direction at every point
 
 
 def test_light_offset_moves_the_training_light_to_toyworlds_key_light():
-    cams = sample_cameras(16, CameraConfig(), torch.Generator().manual_seed(0))
-    cfg = ShadingConfig(light_jitter=0.0, light_offset=TOYWORLD_LIGHT_OFFSET)
+    # unjittered, as ToyWorld's recipe: the training light follows the eye, the key light the viewing direction
+    cams = sample_cameras(16, CameraConfig(**NO_JITTER), torch.Generator().manual_seed(0))
+    cfg = ShadingConfig(light_jitter=0.0, light_offset=KEY_LIGHT_OFFSET)
     light = sample_shading(0, cfg, cams, torch.Generator().manual_seed(1)).light
-    torch.testing.assert_close(F.normalize(light, dim=-1), F.normalize(fixed_light(cams), dim=-1))
+    torch.testing.assert_close(F.normalize(light, dim=-1), F.normalize(eval_shading(cams).light, dim=-1))
+    assert tuple(model_defaults("toyworld", "3d")["shading"]["light_offset"]) == KEY_LIGHT_OFFSET  # its recipe
     with pytest.raises(UserError, match="light_offset"):
         ShadingConfig(light_offset=(0.6,)).validate()
 
@@ -380,7 +389,9 @@ def test_nerfacc_and_batched_renderers_agree_on_cuda():
     torch.manual_seed(0)
     cfg = FieldConfig(background="fixed")
     field, background = NeRFField(cfg).to(device), Background(cfg).to(device)
-    cams = sample_cameras(2, CameraConfig(), torch.Generator().manual_seed(0), device)
+    # ToyWorld's camera distances and fields of view: the blob and empty space are both in view
+    cameras = CameraConfig(distance_range=(3.2, 3.8), fov_range=(35.0, 45.0))
+    cams = sample_cameras(2, cameras, torch.Generator().manual_seed(0), device)
     origins, dirs = (x.reshape(-1, 3) for x in camera_rays(cams, 32))  # 2048 rays
     fine = RenderConfig(samples_per_ray=1024, render_step_size=0.005, alpha_threshold=0.0, occupancy_threshold=1e-4)
     nerfacc_renderer = make_renderer(device, fine, cfg.bound)
@@ -415,19 +426,6 @@ def test_frequency_annealing_opens_octaves_coarse_to_fine():
     assert "alpha" in enc.state_dict()  # a resumed or exported field keeps its octaves
 
 
-def test_frequency_decay_scales_octave_k_by_decay_to_the_k():
-    from dreamfusion.field import FrequencyEncoding
-
-    x = torch.rand(5, 3) * 2 - 1
-    plain, decayed = FrequencyEncoding(4)(x), FrequencyEncoding(4, decay=0.5)(x)
-    torch.testing.assert_close(decayed[:, :3], x)  # the raw coordinates are not an octave
-    scale = (plain[:, 3:] / decayed[:, 3:]).reshape(5, 2, 3, 4)  # (n, sin/cos, xyz, octave)
-    torch.testing.assert_close(scale, torch.tensor([1.0, 2.0, 4.0, 8.0]).expand(5, 2, 3, 4))
-    assert NeRFField(FieldConfig(frequency_decay=0.5)).encoding.decay == 0.5
-    with pytest.raises(UserError, match="frequency_decay"):
-        FieldConfig(frequency_decay=0.0).validate()
-
-
 def test_hash_grid_interpolates_its_tables_and_its_gradient_repeats_exactly():
     """A point on a dense level's vertex reads that vertex's row; and the tables' gradient is the same bits
     every time with several threads (indexing's backward sums in thread order, which broke exact resume)."""
@@ -459,48 +457,9 @@ def test_separate_albedo_network_leaves_density_to_the_trunk():
     albedo.sum().backward()  # albedo gradients reach only the albedo MLP and the encoding
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in field.trunk.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.albedo.parameters())
-    assert NeRFField(FieldConfig()).albedo is None  # shared: one trunk gives density and albedo
+    assert NeRFField(FieldConfig(albedo_network="shared")).albedo is None  # shared: one trunk gives both
     with pytest.raises(UserError, match="albedo_network"):
         FieldConfig(albedo_network="split").validate()
-
-
-def test_albedo_grid_adds_trilinear_logits_on_an_xyz_lattice():
-    torch.manual_seed(0)
-    cfg = FieldConfig(bound=1.0, albedo_grid=5)
-    field, plain = NeRFField(cfg), NeRFField(FieldConfig(bound=1.0))
-    plain.load_state_dict({k: v for k, v in field.state_dict().items() if k != "albedo_grid"})
-    x = torch.rand(64, 3) * 2 - 1
-    torch.testing.assert_close(field(x)[1], plain(x)[1])  # zero at the start: the network's albedo alone
-    with torch.no_grad():
-        field.albedo_grid[0, :, 4, 2, 1] = torch.tensor([1.0, 2.0, 3.0])  # the lattice point (x, y, z) = (1, 0, -0.5)
-    logit = lambda f, pts: torch.logit(f(pts)[1], eps=1e-6)
-    at = torch.tensor([[1.0, 0.0, -0.5], [0.75, 0.0, -0.5], [-1.0, 0.0, -0.5]])  # on it, half a cell away, far off
-    added = logit(field, at) - logit(plain, at)
-    torch.testing.assert_close(added[0], torch.tensor([1.0, 2.0, 3.0]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(added[1], torch.tensor([0.5, 1.0, 1.5]), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(added[2], torch.zeros(3), atol=1e-5, rtol=0)
-    field(x)[1].sum().backward()
-    assert field.albedo_grid.grad.abs().sum() > 0
-    for bad in (1, -2, 1000):
-        with pytest.raises(UserError, match="albedo_grid"):
-            FieldConfig(albedo_grid=bad).validate()
-
-
-def test_coat_albedo_paints_one_colour_over_the_network():
-    torch.manual_seed(0)
-    field = NeRFField(FieldConfig(bound=1.0, albedo_grid=24, frequencies=2))
-    with torch.no_grad():
-        field.trunk[-1].weight[1:] *= 30  # a network albedo that varies a lot from place to place
-    x, rgb = torch.rand(2048, 3) * 2 - 1, torch.tensor([0.2, 0.7, 0.1])
-    before, density = (field(x)[1] - rgb).abs(), field(x)[0]
-    assert before.mean() > 0.3
-    field.coat_albedo(rgb)
-    axis = torch.linspace(-1, 1, 24)
-    lattice = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).view(-1, 3)
-    torch.testing.assert_close(field(lattice)[1], rgb.expand(len(lattice), 3), atol=1e-5, rtol=0)  # exact on it
-    after = (field(x)[1] - rgb).abs()  # trilinear in between: what is left is the network's finer ripples
-    assert after.mean() < before.mean() / 20 and after.max() < before.max() / 10
-    torch.testing.assert_close(field(x)[0], density, rtol=0, atol=0)  # the geometry untouched
 
 
 @pytest.mark.parametrize("encoding", ["frequency", "hashgrid"])
@@ -515,21 +474,6 @@ def test_finite_difference_normals_match_autograd(encoding):
     assert cos.min() > 0.98
     fd.normals(x, create_graph=True).sum().backward()  # differentiable without a double backward
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fd.parameters())
-
-
-@pytest.mark.parametrize("normals", ["autograd", "finite_difference"])
-def test_normals_of_a_frozen_density_build_no_graph(normals):
-    """The refine stage freezes the geometry: its normals are the same values, with no graph to back-propagate."""
-    torch.manual_seed(0)
-    field = NeRFField(FieldConfig(normals=normals, albedo_grid=4, hidden=16))
-    x = F.normalize(torch.randn(32, 3), dim=-1) * 0.4
-    live = field.normals(x, create_graph=True)
-    assert live.requires_grad and field.density_trains()
-    for module in (field.encoding, field.trunk):
-        module.requires_grad_(False)
-    frozen = field.normals(x, create_graph=True)
-    assert not field.density_trains() and not frozen.requires_grad  # the albedo grid still trains
-    torch.testing.assert_close(frozen, live.detach(), rtol=0, atol=0)
 
 
 def test_evaluation_renders_skip_weightless_samples_without_changing_the_image():

@@ -11,8 +11,9 @@ import run
 from dreamfusion.export import extract_mesh
 from dreamfusion.cameras import orbit_cameras
 from dreamfusion.fit import turntable_cameras
-from toyworld.evaluate_3d import RECORD_FILES, Eval3DConfig, ground_truth_views, judge_hits, true_views, volumetric_iou
-from toyworld.judge import load_judge
+from evals.config import Eval3DConfig
+from evals.judge import load_judge
+from evals.threed import RECORD_FILES, ground_truth_views, judge_hits, true_views, volumetric_iou
 from toyworld.render import SDFS
 from tests.tiny import toyworld_recipe
 
@@ -34,8 +35,9 @@ def primitive_mesh(shape: str, scale=1.0, shift=(0.0, 0.0, 0.0), yaw_deg=0.0, re
 def tiny(tiny_sd) -> list[str]:
     """One red cube, fitted with ToyWorld's recipe and scored at toy sizes by the tiny random prior."""
     return [f"model={tiny_sd}", *toyworld_recipe(tiny_sd.parent), "colors=[red]", "shapes=[cube]", "steps=2",
-            "resolution=16", "batch_size=1", "samples_per_ray=16", "mesh_resolution=24", "turntable_frames=2",
-            "turntable_size=16", "encode_size=16", "val_every=0", "iou_resolution=16"]
+            "render.resolution=16", "batch_size=1", "render.samples_per_ray=16", "export.mesh_resolution=24",
+            "export.turntable_frames=2", "export.turntable_size=16", "guidance.encode_size=16", "val_every=0",
+            "iou_resolution=16"]
 
 
 def test_iou_is_one_for_the_primitive_itself_after_moving_scaling_and_turning():
@@ -105,7 +107,7 @@ def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tm
 
 
 def test_a_stopped_eval_3d_keeps_the_report_of_the_assets_done(tiny_sd, tmp_path, monkeypatch):
-    import toyworld.evaluate_3d as ev
+    import evals.threed as ev
 
     fit = ev.fit
 

@@ -5,9 +5,10 @@ import json
 import torch
 
 import run
-from toyworld.evaluate_video import displacement_per_frame, motion_correct, seam_report, slope, smoothness, tracks
+from evals.motion import displacement_per_frame, motion_correct, slope, smoothness, tracks
+from evals.video import seam_report
 from toyworld.video import sample_clip_batch
-from toyworld.world import MOTIONS
+from toyworld.vocab import MOTIONS
 
 
 def gt_clips(n, fps=8.0, frames=8, seed=0):

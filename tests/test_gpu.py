@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from pipelines import Prior
-from pipelines.image import ImageConfig, generate
+from pipelines.image import generate
+from pipelines.options import ImageConfig
+from pipelines.prior import Prior
 from pipelines.runtime import pick_device, pick_dtype
 from tests.conftest import requires_cuda
 
@@ -39,9 +40,10 @@ def test_3d_fit_on_cuda_with_nerfacc_and_a_tiny_sd_prior(tiny_sd, tmp_path):
 
     import run
 
-    assert run.main(["3d", "a red cube", f"model={tiny_sd}", "steps=6", "resolution=32", "batch_size=2",
-                     "encode_size=16", "mesh_resolution=32", "turntable_frames=2", "turntable_size=32",
-                     "grid_update_every=2", "val_every=0", "--out", str(tmp_path), "--quiet"]) == 0
+    assert run.main(["3d", "a red cube", f"model={tiny_sd}", "steps=6", "render.resolution=32", "batch_size=2",
+                     "guidance.encode_size=16", "export.mesh_resolution=32", "export.turntable_frames=2",
+                     "export.turntable_size=32", "render.grid_update_every=2", "val_every=0",
+                     "--out", str(tmp_path), "--quiet"]) == 0
     [d] = list((tmp_path / "3d").iterdir())
     meta = json.loads((d / "metadata.json").read_text())
     assert meta["device"].startswith("cuda") and meta["steps"] == 6 and (d / "mesh.glb").is_file()

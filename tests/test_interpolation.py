@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import run
-from video.export import probe
+from tests.tiny import probe
 from video.train import known_frames_mask
 
 TINY = ["frames=4", "bank_size=6", "batch_size=2", "steps=2", "checkpoint_every=1", "warmup_steps=1", "device=cpu",
@@ -100,7 +100,7 @@ def test_blend_known_starts_the_in_between_frames_from_their_neighbours():
 
 
 def test_cross_fade_blends_the_given_frames():
-    from toyworld.evaluate_masked import cross_fade
+    from evals.masked import cross_fade
 
     ramp = torch.linspace(0, 1, 9)[None, :, None, None, None].expand(2, 9, 3, 4, 4)
     assert torch.allclose(cross_fade(ramp, 4), ramp)  # a linear ramp is its own cross-fade

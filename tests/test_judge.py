@@ -10,9 +10,11 @@ from PIL import Image
 
 import run
 from pipelines.prior import Prior
-from toyworld.evaluate import EvalImageConfig, Prompt, build_report, generate_all
-from toyworld.judge import Judge, accuracy, augment, load_judge, render_set, save_judge
-from toyworld.model import Architecture, build_components, save_model
+from evals.config import EvalImageConfig
+from evals.image import Prompt, build_report, generate_all
+from evals.judge import Judge, accuracy, augment, load_judge, render_set, save_judge
+from toyworld.config import Architecture
+from toyworld.model import build_components, save_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FRESH_SEED = 4242  # neither the shipped judge's training seed (0) nor its held-out seed

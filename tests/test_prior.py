@@ -6,17 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import Prior
-from pipelines.image import ImageConfig, generate
+from pipelines.image import generate
+from pipelines.options import ImageConfig
+from pipelines.prior import Prior
 from pipelines.schedulers import SAMPLERS, make_scheduler
 
 
 def reference_images(path, sampler, prompt, steps, guidance, seed, n=1, negative=None, size=32):
     """diffusers' own StableDiffusionPipeline on the same folder, scheduler and seed."""
+    import diffusers
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = SAMPLERS[sampler][0].from_config(pipe.scheduler.config, **SAMPLERS[sampler][1])
+    name, extra = SAMPLERS[sampler]  # diffusers' class name and its extra config
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **extra)
     pipe.set_progress_bar_config(disable=True)
     return pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=n,
                 negative_prompt=negative, height=size, width=size, output_type="np",
@@ -78,10 +81,12 @@ def test_parameterisation_round_trips(tiny_sd_v):
     x_t = prior.add_noise(x0, eps, t)
     torch.testing.assert_close(prior.to_x0(x_t, eps, t), x0, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(prior.eps_from_x0(x_t, x0, t), eps, atol=1e-4, rtol=1e-4)
-    v = prior.v_from_eps(x_t, eps, t)
-    a, s = prior.alpha_sigma(t)
-    torch.testing.assert_close(v, a * eps - s * x0, atol=1e-5, rtol=1e-5)
+    # a v-prediction model learns v = a*eps - s*x0 (Salimans & Ho 2022), and its output converts back to eps
+    v = prior.training_target(x0, eps, t)
+    abar = prior.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(v, abar.sqrt() * eps - (1 - abar).sqrt() * x0, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(prior.eps_from_v(x_t, v, t), eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(prior.to_eps(x_t, v, t), eps, atol=1e-5, rtol=1e-5)
     # the same forward process as diffusers' scheduler
     ref = make_scheduler("ddpm", prior.noise_config).add_noise(x0, eps, t)
     torch.testing.assert_close(x_t, ref, atol=1e-5, rtol=1e-5)

@@ -2,20 +2,23 @@
 
 import torch
 
-from pipelines import Prior
-from pipelines.prior import Conditioning
+from pipelines.prior import Conditioning, Prior
 from video.temporal import TemporalConfig, TemporalConv, inflate
 
 
 def test_inflated_unet_equals_image_unet_per_frame_at_init(tiny_sd):
+    """The default layers (the shipped recipe's: word states, per-clip kernels, drift) start as the identity."""
     prior = Prior.from_pretrained(str(tiny_sd))
     unet = prior.unet
     video_unet = inflate(unet)
+    assert (video_unet.temporal.cfg.word_states, video_unet.temporal.cfg.shift_rank, video_unet.temporal.cfg.drift) == (
+        True, 8, True)
     b, f = 2, 5
     x = torch.randn(b, 4, f, 8, 8)
-    text = prior.encode_prompt(["a red cube", "a blue ball"]).cond
+    prompt = prior.encode_prompt(["a red cube", "a blue ball"], words=True)
+    text = prompt.cond
     with torch.no_grad():
-        video = video_unet(x, 500, text, fps=torch.tensor([4.0, 12.0])).sample
+        video = video_unet(x, 500, text, fps=torch.tensor([4.0, 12.0]), words=prompt.cond_words).sample
         frames = torch.stack([unet(x[:, :, i], 500, encoder_hidden_states=text).sample for i in range(f)], dim=2)
     assert video.shape == (b, 4, f, 8, 8)
     torch.testing.assert_close(video, frames, atol=1e-5, rtol=1e-5)
@@ -28,12 +31,13 @@ def test_temporal_layers_are_active_once_trained(tiny_sd):
     with torch.no_grad():
         for p in video_unet.temporal.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        text = prior.encode_prompt(["a red cube"]).cond
+        prompt = prior.encode_prompt(["a red cube"], words=True)
+        text, words = prompt.cond, prompt.cond_words
         x = torch.randn(1, 4, 3, 8, 8)
-        out = video_unet(x, 10, text).sample
+        out = video_unet(x, 10, text, words=words).sample
         x2 = x.clone()
         x2[:, :, 2] += 1.0  # change only the last frame
-        out2 = video_unet(x2, 10, text).sample
+        out2 = video_unet(x2, 10, text, words=words).sample
     assert (out[:, :, 0] - out2[:, :, 0]).abs().max() > 1e-4  # frame 0 now sees frame 2
 
 
@@ -54,14 +58,18 @@ def test_temporal_weights_save_and_load_apart(tiny_sd, tmp_path):
     assert trainable and all(n.startswith("temporal.") for n in trainable)
 
 
-def test_prior_predicts_noise_for_videos(tiny_sd):
+def test_prior_predicts_noise_for_videos_with_the_video_unet_as_its_denoiser(tiny_sd):
+    """The video UNet is passed to the prior as the denoiser; the prior's own UNet stays the image UNet."""
     prior = Prior.from_pretrained(str(tiny_sd))
-    image_eps = lambda x: prior.predict_noise(x, 300, text, guidance=5.0)
-    text = prior.encode_prompt(["a red cube"])
+    unet = prior.unet
+    text = prior.encode_prompt(["a red cube"], words=True)
+    image_text = Conditioning(text.cond, text.uncond)  # the image UNet reads no word embeddings
     x = torch.randn(1, 4, 3, 8, 8)
-    frames = torch.stack([image_eps(x[:, :, i]) for i in range(3)], dim=2)
-    prior.unet = inflate(prior.unet)
-    torch.testing.assert_close(prior.predict_noise(x, 300, text, guidance=5.0), frames, atol=1e-5, rtol=1e-5)
+    frames = torch.stack([prior.predict_noise(x[:, :, i], 300, image_text, guidance=5.0) for i in range(3)], dim=2)
+    video_unet = inflate(prior.unet)
+    torch.testing.assert_close(prior.predict_noise(x, 300, text, guidance=5.0, denoiser=video_unet), frames,
+                               atol=1e-5, rtol=1e-5)
+    assert prior.unet is unet
 
 
 def test_pseudo_conv_is_dirac():
@@ -102,7 +110,7 @@ def test_noise_rescheduling_reuses_first_window():
 
 def test_known_frame_channels_start_unused_and_then_condition(tiny_sd):
     prior = Prior.from_pretrained(str(tiny_sd))
-    video_unet = inflate(prior.unet)
+    video_unet = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim, word_states=False))
     text = prior.encode_prompt(["a red cube"]).cond
     x, known = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 4, 3, 8, 8)
     mask = torch.zeros(1, 1, 3, 8, 8)
@@ -128,23 +136,21 @@ def test_word_states_reach_the_temporal_layers_through_predict_noise(tiny_sd):
     video_unet = inflate(prior.unet, TemporalConfig(text_dim=width, word_states=True))
     text = prior.encode_prompt(["a red cube"], words=True)
     swapped = prior.encode_prompt(["a red ball"], words=True)
-    ids = prior.tokenizer(["a red cube", "a red ball"], padding="max_length",
-                          max_length=prior.tokenizer.model_max_length, return_tensors="pt").input_ids
+    ids = prior.tokenize(["a red cube", "a red ball"])
     same = ids[0] == ids[1]
     moved = lambda a, b: (a - b).abs().amax(-1)[0] > 1e-6  # noqa: E731
     assert torch.equal(moved(text.cond_words, swapped.cond_words), ~same)  # word embeddings: no context
     assert (moved(text.cond, swapped.cond) & same).any()  # the last states mix the context in
     assert text.cond_words.shape == text.cond.shape and text.repeat(2).cond_words.shape[0] == 2
     x = torch.randn(1, 4, 3, 8, 8)
-    prior.unet = video_unet
     with torch.no_grad():
         for p in video_unet.temporal.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        eps = prior.predict_noise(x, 300, text, guidance=5.0)
+        eps = prior.predict_noise(x, 300, text, guidance=5.0, denoiser=video_unet)
         other = Conditioning(text.cond, text.uncond, torch.randn_like(text.cond_words), text.uncond_words)
-        assert (prior.predict_noise(x, 300, other, guidance=5.0) - eps).abs().max() > 1e-4  # the words matter
+        assert (prior.predict_noise(x, 300, other, guidance=5.0, denoiser=video_unet) - eps).abs().max() > 1e-4
         try:
-            prior.predict_noise(x, 300, prior.encode_prompt(["a red cube"]), guidance=5.0)
+            prior.predict_noise(x, 300, prior.encode_prompt(["a red cube"]), guidance=5.0, denoiser=video_unet)
         except ValueError as e:
             assert "word embeddings" in str(e)
         else:
@@ -221,7 +227,7 @@ def test_video_unet_gives_each_frame_its_time_from_the_centre(tiny_sd):
     """tau = (frame - (F - 1) / 2) / fps seconds, clamped to the config's time_range."""
     prior = Prior.from_pretrained(str(tiny_sd))
     width = prior.unet.config.cross_attention_dim
-    video_unet = inflate(prior.unet, TemporalConfig(text_dim=width, drift=True, time_range=0.5))
+    video_unet = inflate(prior.unet, TemporalConfig(text_dim=width, word_states=False, time_range=0.5))
     seen = []
     layer = next(m for m in video_unet.temporal.layers.values() if isinstance(m, TemporalConv))
     layer.register_forward_hook(lambda m, args, out: seen.append(args[3]))

@@ -6,7 +6,7 @@ import logging
 import torch
 
 import run
-from pipelines import Prior
+from pipelines.prior import Prior
 from toyworld.model import build_tokenizer
 from toyworld.train_prior import caption_table, pick_captions, render_bank
 

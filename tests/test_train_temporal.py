@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 import run
-from video.export import write_mp4
+from pipelines.media import write_mp4
 
 TINY = ["frames=3", "bank_size=6", "batch_size=2", "steps=2", "checkpoint_every=1", "warmup_steps=1", "device=cpu",
         "--quiet"]
@@ -15,6 +15,23 @@ TINY = ["frames=3", "bank_size=6", "batch_size=2", "steps=2", "checkpoint_every=
 def only_run(out):
     [d] = list((out / "train").iterdir())
     return d
+
+
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def stand_in_prior():
+    """The part of a Prior that TemporalObjective uses: SD's epsilon-prediction noise schedule (the real
+    `NoiseSchedule`) and an `embed` that gives zero text states (no text encoder)."""
+    from diffusers import DDPMScheduler
+
+    from pipelines.prior import NoiseSchedule
+
+    class StandIn(NoiseSchedule):
+        def embed(self, ids, mask=None, words=False):
+            return torch.zeros(len(ids), 3, 8), None
+
+    return StandIn(dict(DDPMScheduler(**SD_SCHEDULE).config), "cpu")
 
 
 def test_train_temporal_toyworld_then_video(tiny_sd, tmp_path):
@@ -57,10 +74,14 @@ def test_v_loss_weighting_favours_noisy_steps():
 
     from video.train import TemporalObjective
 
-    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    eps = TemporalObjective(None, None, abar, "eps").weight
-    v = TemporalObjective(None, None, abar, "v", max_weight=20.0).weight
+    abar = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
+    prior = stand_in_prior()
+    torch.testing.assert_close(prior.alphas_cumprod, abar)
+    eps = TemporalObjective(None, prior, "eps").weight
+    v = TemporalObjective(None, prior, "v", max_weight=20.0).weight
     assert torch.equal(eps, torch.ones_like(eps))
+    expected = (1 / abar).clamp(max=20.0)
+    torch.testing.assert_close(v, expected / expected.mean())
     assert abs(float(v.mean()) - 1) < 1e-5 and float(v.max() / v.min()) <= 20.0 + 1e-3
     assert (v[1:] >= v[:-1]).all() and v[-1] > v[0]  # never less weight on a noisier step
 
@@ -73,15 +94,7 @@ def test_train_temporal_v_weighting_runs(tiny_sd, tmp_path):
     assert json.loads((d / "metadata.json").read_text())["config"]["loss_weighting"] == "v"
 
 
-def test_timesteps_range_is_checked(tiny_sd, tmp_path, capsys):
-    for bad in ("timesteps=[500,500]", "timesteps=[-1,10]", "timesteps=[5000,6000]"):
-        assert run.main(["train", "temporal", f"model={tiny_sd}", bad, *TINY, "--out", str(tmp_path)]) == 2
-        err = capsys.readouterr().err.strip()
-        assert "timesteps" in err and "\n" not in err
-    assert not (tmp_path / "train").exists() or not any((tmp_path / "train").iterdir())
-
-
-def test_noise_start_clips_see_pure_noise_and_target_the_clip(monkeypatch):
+def test_noise_start_clips_see_pure_noise_and_target_the_clip():
     """noise_start: a `pure` clip's input is the noise alone (what the sampler's first step sees), and its
     target is the noise that makes that input from the clip at t, so predicting it means predicting z0."""
     from diffusers import DDPMScheduler
@@ -97,9 +110,8 @@ def test_noise_start_clips_see_pure_noise_and_target_the_clip(monkeypatch):
             seen["x_t"] = x_t
             return SimpleNamespace(sample=torch.zeros_like(x_t))
 
-    abar = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
-    objective = TemporalObjective(Recorder(), None, abar)
-    monkeypatch.setattr("video.train.embed_tokens", lambda encoder, ids, words=False: (torch.zeros(len(ids), 3, 8), None))
+    abar = DDPMScheduler(**SD_SCHEDULE).alphas_cumprod
+    objective = TemporalObjective(Recorder(), stand_in_prior())
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
     loss = objective(torch.zeros(2, 5, dtype=torch.long), z0, noise, torch.tensor([950, 950]), torch.tensor([8.0, 8.0]),
@@ -119,3 +131,60 @@ def test_train_temporal_noise_start_runs_and_is_checked(tiny_sd, tmp_path, capsy
     for bad in ("noise_start=1.5", "noise_start_timesteps=[990,900]"):
         assert run.main(["train", "temporal", f"model={tiny_sd}", bad, *TINY, "--out", str(tmp_path / "bad")]) == 2
         assert "noise_start" in capsys.readouterr().err
+
+
+def test_v_prediction_prior_trains_the_temporal_layers_on_v(tiny_sd_v):
+    """On a v-prediction prior (SD-2.x at 768), the video UNet learns v = a*eps - s*z0, not epsilon: the loss of
+    a fixed prediction is its mean square error to v, with a, s from the model's own alpha_bar(t)."""
+    from diffusers import DDIMScheduler
+
+    from pipelines.prior import Prior
+    from video.train import TemporalObjective
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):  # a video UNet that predicts a fixed guess and records its input
+        temporal = SimpleNamespace(cfg=SimpleNamespace(word_states=False))
+
+        def forward(self, x_t, t, emb, **kwargs):
+            seen["x_t"] = x_t
+            return SimpleNamespace(sample=seen["guess"])
+
+    scheduler = DDIMScheduler.from_pretrained(str(tiny_sd_v), subfolder="scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    abar = scheduler.alphas_cumprod.double()
+    prior = Prior.from_pretrained(str(tiny_sd_v))
+    g = torch.Generator().manual_seed(0)
+    z0, noise, other = (torch.randn(2, 4, 3, 4, 4, generator=g) for _ in range(3))
+    t, fps = torch.tensor([100, 800]), torch.tensor([8.0, 8.0])
+    ids = prior.tokenize(["a red ball moving left", ""])
+    a, s = (x.float().reshape(-1, 1, 1, 1, 1) for x in (abar[t].sqrt(), (1 - abar[t]).sqrt()))
+    v = a * noise - s * z0
+    per_clip = lambda guess, target: (guess - target).pow(2).mean(dim=(1, 2, 3, 4))  # noqa: E731
+
+    def loss_of(guess, weighting="eps"):
+        seen["guess"] = guess
+        return TemporalObjective(Recorder(), prior, weighting, max_weight=20.0)(ids, z0, noise, t, fps)
+
+    # a fixed prediction's loss is its mean square error to v
+    torch.testing.assert_close(loss_of(other), per_clip(other, v).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seen["x_t"], a * z0 + s * noise, atol=1e-5, rtol=1e-5)
+    # predicting v exactly costs nothing; predicting epsilon exactly (the epsilon target) does not
+    assert float(loss_of(v)) < 1e-8
+    eps_loss = loss_of(noise)
+    torch.testing.assert_close(eps_loss, per_clip(noise, v).mean(), atol=1e-5, rtol=1e-5)
+    assert float(eps_loss) > 0.1
+    # loss_weighting=v weights each clip by 1/alpha_bar(t) (clipped, mean 1 over t), still against v
+    w = (1 / abar).clamp(max=20.0)
+    w = (w / w.mean()).float()[t]
+    torch.testing.assert_close(loss_of(other, "v"), (w * per_clip(other, v)).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_train_temporal_on_a_v_prediction_prior(tiny_sd_v, tmp_path):
+    assert run.main(["train", "temporal", f"model={tiny_sd_v}", *TINY, "--out", str(tmp_path)]) == 0
+    d = only_run(tmp_path)
+    log = json.loads((d / "losses.json").read_text())
+    assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["steps"] == 2 and meta["config"]["loss_weighting"] == "v" and meta["config"]["noise_start"] == 0.5
+    assert (d / "motion" / "temporal_layers.safetensors").is_file()

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from video.export import probe, write_frames, write_gif, write_mp4
+from pipelines.media import write_frames, write_gif, write_mp4
+from tests.tiny import probe
 
 
 @pytest.mark.parametrize("fps, size", [(8, 64), (12, 33)])

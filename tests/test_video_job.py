@@ -5,7 +5,7 @@ import json
 import pytest
 
 import run
-from video.export import probe
+from tests.tiny import probe
 
 
 def test_video_run_directory(tiny_sd, tmp_path):
@@ -20,7 +20,7 @@ def test_video_run_directory(tiny_sd, tmp_path):
 
 
 def test_video_with_saved_motion_module(tiny_sd, tmp_path):
-    from pipelines import Prior
+    from pipelines.prior import Prior
     from video.temporal import inflate
 
     inflate(Prior.from_pretrained(str(tiny_sd)).unet).temporal.save(tmp_path / "motion")

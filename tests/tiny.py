@@ -1,4 +1,4 @@
-"""Tiny random-weight SD-layout models for fast CPU tests (shapes as in diffusers' own fast tests).
+"""Tiny random-weight SD-layout models for fast CPU tests (shapes as in diffusers' own fast tests), and `probe`.
 
 Nothing is downloaded: the CLIP tokenizer is a character-level BPE vocabulary written here, and
 every component is saved with `save_pretrained` so tests load it through `model=<path>`, the
@@ -71,10 +71,22 @@ def save_tiny_sd(path: Path, prediction_type: str = "epsilon", seed: int = 0, sa
 
 def toyworld_recipe(folder: Path) -> list[str]:
     """`--config FILE` that gives a tiny model folder ToyWorld's 3d recipe (the `3d:` section of its preset,
-    configs/models/toyworld.yaml) instead of the published SD recipe that a model folder gets."""
+    configs/models/toyworld.yaml) instead of the published SD recipe (the dataclass defaults) a folder gets."""
     from pipelines import config
     from pipelines.runtime import write_yaml
 
     path = Path(folder) / "toyworld-3d.yaml"
     write_yaml(path, config.model_defaults("toyworld", "3d"))
     return ["--config", str(path)]
+
+
+def probe(path) -> dict:
+    """Decode a video with PyAV: codec, pixel format, size, frame count and fps."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        count = sum(1 for _ in container.decode(stream))
+        return {"codec": stream.codec_context.name, "pix_fmt": stream.codec_context.pix_fmt,
+                "width": stream.codec_context.width, "height": stream.codec_context.height,
+                "frames": count, "fps": float(stream.average_rate or stream.guessed_rate)}

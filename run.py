@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         elif words:
             raise UserError(f"unexpected argument '{words[0]}': {args.job} options are key=value")
         elif job.clips:
-            runner(cfg, args.out, progress=not args.quiet, clips=clip_source(cfg.data))
+            runner(cfg, args.out, progress=not args.quiet, clip_source=clip_source)
         else:
             runner(cfg, args.out, progress=not args.quiet)
         return 0

@@ -69,7 +69,7 @@ def sample_cameras(n: int, cfg: CameraConfig, generator: torch.Generator | None 
     noise = torch.randn(3, n, 3, generator=generator, device=gen_device)  # (jitter kind, B, 3)
     eye = geometry.orbit_position(az, el, dist) + cfg.position_jitter * noise[0]
     center = cfg.center_jitter * noise[1]
-    up = torch.tensor([0.0, 0.0, 1.0], device=gen_device) + cfg.up_jitter * noise[2]
+    up = torch.tensor(geometry.Z_UP, device=gen_device) + cfg.up_jitter * noise[2]
     return _make(az, el, dist, fov, eye, center, up.expand(n, 3)).to(device)
 
 
@@ -79,10 +79,9 @@ def orbit_cameras(n: int, elevation_deg: float = 15.0, distance: float = 3.5, fo
     if n < 1:
         raise ValueError(f"need at least one camera, got n={n}")
     az = torch.arange(n, dtype=torch.float32) * (360.0 / n)
-    full = lambda value: torch.full((n,), float(value))
+    full = lambda value: torch.full((n,), float(value))  # noqa: E731
     el, dist, fov = full(elevation_deg), full(distance), full(fov_deg)
-    up = torch.tensor([0.0, 0.0, 1.0]).expand(n, 3)
-    return _make(az, el, dist, fov, geometry.orbit_position(az, el, dist), torch.zeros(n, 3), up).to(device)
+    return Cameras(az, el, dist, fov, *geometry.camera_frame(az, el, dist)).to(device)
 
 
 def camera_rays(cams: Cameras, size: int) -> tuple[Tensor, Tensor]:

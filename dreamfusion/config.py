@@ -242,14 +242,14 @@ class ExportOptions:
 
     def validate(self) -> None:
         if self.mesh_resolution < 8:
-            raise UserError(f"mesh_resolution must be at least 8, got {self.mesh_resolution}")
+            raise UserError(f"export.mesh_resolution must be at least 8, got {self.mesh_resolution}")
         if self.keep_components < 0:
-            raise UserError(f"keep_components must be >= 0 (0 keeps every component), got {self.keep_components}")
+            raise UserError(f"export.keep_components must be >= 0 (0 keeps every component), got {self.keep_components}")
         unknown = [f for f in self.formats if f not in MESH_FORMATS]
         if unknown or not self.formats:
-            raise UserError(f"formats must list some of {', '.join(MESH_FORMATS)}, got {list(self.formats)}")
+            raise UserError(f"export.formats must list some of {', '.join(MESH_FORMATS)}, got {list(self.formats)}")
         if self.turntable_frames < 1 or self.turntable_size < 8 or not self.turntable_fps > 0:
-            raise UserError("turntable_frames must be >= 1, turntable_size >= 8 and turntable_fps > 0")
+            raise UserError("export.turntable_frames must be >= 1, turntable_size >= 8 and turntable_fps > 0")
 
 
 @dataclass
@@ -285,9 +285,9 @@ class ThreeDConfig(PriorOptions):
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
 
 
-# Options that may differ when a run resumes: they change what is written, not the optimisation.
-RESUME_FREE = ("export.", "val_every", "checkpoint_every", "max_minutes", "render.chunk", "resume", "device",
-               "fuse_qkv", "channels_last", "compile", "cuda_graphs")
+# Options that may differ when a run resumes: they change what is written or how fast, not the optimisation.
+RESUME_FREE = ("val_every", "checkpoint_every", "max_minutes", "render.chunk", "resume", "device", "fuse_qkv",
+               "channels_last", "compile", "cuda_graphs")
 
 
 def resume_free(key: str) -> bool:

@@ -59,13 +59,14 @@ def available_memory_bytes() -> int:
 def check_resolution(resolution: int, available_bytes: int | None = None) -> None:
     """Raise UserError when an R^3 export would not fit in memory (or R is too small to mesh)."""
     if int(resolution) != resolution or resolution < 8:
-        raise UserError(f"mesh_resolution={resolution} is too small: use an integer of at least 8 (e.g. mesh_resolution=256)")
+        raise UserError(f"export.mesh_resolution={resolution} is too small: use an integer of at least 8 "
+                        "(e.g. export.mesh_resolution=256)")
     budget = MEMORY_FRACTION * (available_memory_bytes() if available_bytes is None else available_bytes)
     need = estimate_grid_bytes(resolution)
     if need > budget:
         fits = max((r for r in range(32, int(resolution), 32) if estimate_grid_bytes(r) <= budget), default=8)
-        raise UserError(f"mesh_resolution={resolution} needs about {need / 2**30:.1f} GiB but only "
-                        f"{budget / 2**30:.1f} GiB is free: use mesh_resolution={fits} or less")
+        raise UserError(f"export.mesh_resolution={resolution} needs about {need / 2**30:.1f} GiB but only "
+                        f"{budget / 2**30:.1f} GiB is free: use export.mesh_resolution={fits} or less")
 
 
 def voxel_centres(resolution: int, bound: float) -> Tensor:
@@ -131,7 +132,7 @@ def auto_iso_level(max_density: Tensor, opacity: Tensor) -> float:
         raise ValueError(f"need one max density per opacity, got {m.numel()} and {target.numel()}")
     positives = int(target.sum())
     if positives == 0:
-        raise UserError("the NeRF renders nothing opaque (no ray has opacity > 0.5): train longer or pass iso_level=")
+        raise UserError("the NeRF renders nothing opaque (no ray has opacity > 0.5): train longer or pass export.iso_level=")
     s, order = m.sort(descending=True)  # (R,)
     floor = torch.tensor([0.0 if s[-1] > 0 else float(s[-1]) - 1.0], dtype=s.dtype)
     s_next = torch.cat([s[1:], floor])  # the value just below each one
@@ -162,7 +163,7 @@ def extract_mesh(grid: Tensor, bound: float, level: float, albedo_fn: Callable[[
     grid = grid.detach().float().cpu()
     lo, hi = float(grid.min()), float(grid.max())
     if not lo < level < hi:
-        fix = "lower iso_level= or train longer" if level >= hi else "raise iso_level= (everything is denser than it)"
+        fix = "lower export.iso_level= or train longer" if level >= hi else "raise export.iso_level= (everything is denser than it)"
         raise UserError(f"no surface at iso-level {level:g} (density range {lo:.4g}..{hi:.4g}): {fix}")
     r = grid.shape[0]
     step = 2 * bound / r
@@ -175,7 +176,7 @@ def extract_mesh(grid: Tensor, bound: float, level: float, albedo_fn: Callable[[
     mesh = _clean(trimesh.Trimesh(verts, faces, process=False), keep_components)
     if len(mesh.faces) == 0:
         raise UserError(f"no surface left at iso-level {level:g} after removing degenerate faces: "
-                        "lower iso_level= or raise mesh_resolution=")
+                        "lower export.iso_level= or raise export.mesh_resolution=")
     if albedo_fn is not None:
         mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=_vertex_colors(mesh, albedo_fn, device, chunk))
     return mesh

@@ -34,7 +34,7 @@ def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
     tmp.mkdir(parents=True)
     try:
         export_asset(asset, make_renderer(device, full.render, full.field.bound), full, tmp, progress)
-        write_yaml(tmp / "config.yaml", {**to_dict(cfg), "command": command_line()})
+        write_yaml(tmp / "config.yaml", {**to_dict(full.export), "device": cfg.device, "command": command_line()})
         tmp.rename(folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,11 @@ from video.config import MAX_FRAMES, VideoConfig
 JUDGE = "models/judge"  # the shipped judge (`python run.py train judge`)
 
 
+def _pick(chosen: tuple[str, ...], known: tuple[str, ...]) -> list[int]:
+    """Indices of the chosen names in the world's order; all of them when none is chosen."""
+    return [i for i, x in enumerate(known) if not chosen or x in chosen]
+
+
 @dataclass
 class EvalImageConfig(SamplingOptions):
     samples_per_prompt: int = option(4, "images generated per prompt")
@@ -76,9 +81,8 @@ class EvalVideoConfig(VideoConfig):
                 raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
 
     def grid(self) -> list[tuple[int, int, int]]:
-        pick = lambda chosen, known: [i for i, x in enumerate(known) if not chosen or x in chosen]
-        return [(c, s, m) for c in pick(self.colors, COLOR_NAMES) for s in pick(self.shapes, SHAPES)
-                for m in pick(self.motions, MOTIONS)]
+        return [(c, s, m) for c in _pick(self.colors, COLOR_NAMES) for s in _pick(self.shapes, SHAPES)
+                for m in _pick(self.motions, MOTIONS)]
 
 
 @dataclass
@@ -105,8 +109,7 @@ class Eval3DConfig(ThreeDConfig):
                 raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
 
     def grid(self) -> list[tuple[int, int]]:
-        pick = lambda chosen, known: [i for i, x in enumerate(known) if not chosen or x in chosen]
-        return [(c, s) for c in pick(self.colors, COLOR_NAMES) for s in pick(self.shapes, SHAPES)]
+        return [(c, s) for c in _pick(self.colors, COLOR_NAMES) for s in _pick(self.shapes, SHAPES)]
 
 
 @dataclass

@@ -51,21 +51,16 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_overrides(items: list[str]) -> dict:
     """`["steps=20", "camera.fov=40"]` -> nested dict, values parsed as YAML scalars."""
-    out: dict = {}
+    flat = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UserError(f"cannot read override '{item}': write it as key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            flat[key] = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            value = raw
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+            flat[key] = raw
+    return unflatten(flat)
 
 
 def merge(base: dict, update: dict) -> dict:
@@ -76,18 +71,15 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def build(cls: type, data: dict, prefix: str = ""):
-    """Convert a nested dict into the dataclass `cls`, checking every key and type."""
-    if not prefix:
-        _check_keys(cls, data)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+def build(cls: type, data: dict, where: str = ""):
+    """Convert a nested dict into the dataclass `cls`, checking every key (`where` names their source) and type."""
+    _check_keys(cls, data, where)
+    return _build(cls, data, "")
+
+
+def _build(cls: type, data: dict, prefix: str):
     hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise UserError(_unknown_key(prefix + key, [prefix + k for k in fields]))
-        kwargs[key] = _coerce(value, hints[key], prefix + key)
-    return cls(**kwargs)
+    return cls(**{key: _coerce(value, hints[key], prefix + key) for key, value in data.items()})
 
 
 def keys(cls: type, prefix: str = "") -> list[str]:
@@ -101,13 +93,13 @@ def keys(cls: type, prefix: str = "") -> list[str]:
     return out
 
 
-def _check_keys(cls: type, data: dict) -> None:
+def _check_keys(cls: type, data: dict, where: str = "") -> None:
     """Unknown dotted keys, with the nearest valid key over every group (`mesh_resolution` -> `export.mesh_resolution`)."""
     valid = keys(cls)
     groups = {k.rpartition(".")[0] for k in valid}
     for key in flatten(data):
         if key not in valid and key not in groups:
-            raise UserError(_unknown_key(key, valid))
+            raise UserError(f"{where}{_unknown_key(key, valid)}")
 
 
 def _unknown_key(key: str, valid: list[str]) -> str:
@@ -132,8 +124,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, inner[0], key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise UserError(f"config key '{key}' is a group of options; set its fields as {key}.NAME=VALUE")
-        return build(tp, value, prefix=key + ".")
+            names = [f"{key}.{f.name}" for f in dataclasses.fields(tp)]
+            raise UserError(f"config key '{key}' is a group of options ({', '.join(names[:4])}, ...): set one as "
+                            f"{key}.NAME=VALUE")
+        return _build(tp, value, prefix=key + ".")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise UserError(f"config key '{key}' must be a list like [a, b], got {value!r}")
@@ -207,6 +201,8 @@ def unflatten(flat: dict) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise UserError(f"'{key}' sets a field of '{p}', which is given a value of its own too")
         node[leaf] = value
     return out
 
@@ -271,7 +267,10 @@ def _layers(cls: type, section: str | None, user: dict) -> dict:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "model" not in fields:
         return user
-    return merge(model_defaults(str(user.get("model", fields["model"].default)), section), user)
+    model = str(user.get("model", fields["model"].default))
+    preset = model_defaults(model, section)
+    _check_keys(cls, preset, f"configs/models/{model}.yaml, section '{section}:': ")
+    return merge(preset, user)
 
 
 def job_defaults(cls: type, section: str | None = None):

@@ -115,6 +115,12 @@ class NoiseSchedule:
             return a * noise - s * x0
         return x0 if self.prediction_type == "sample" else noise
 
+    def eps_error_factor(self) -> torch.Tensor:
+        """Per training timestep, what a squared error in the training target is worth in epsilon: 1 for epsilon,
+        alpha_bar for v (eps = s x_t + a v), alpha_bar / (1 - alpha_bar) for x0 (eps = (x_t - a x0) / s)."""
+        abar = self.alphas_cumprod
+        return {"epsilon": torch.ones_like(abar), "v_prediction": abar, "sample": abar / (1 - abar)}[self.prediction_type]
+
     def to_eps(self, x_t: torch.Tensor, out: torch.Tensor, t) -> torch.Tensor:
         """The denoiser's output, whatever it predicts, as epsilon."""
         if self.prediction_type == "v_prediction":

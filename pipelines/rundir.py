@@ -96,7 +96,11 @@ class RunDir:
             if not free(key) and value != saved.get(key):
                 raise UserError(f"--resume {self.path}: the run was made with {key}={saved.get(key)}, not "
                                 f"{key}={value}; drop the override or start a new run")
-        resumed = build(cls, unflatten({**saved, **{k: v for k, v in given.items() if free(k)}}))
+        try:
+            resumed = build(cls, unflatten({**saved, **{k: v for k, v in given.items() if free(k)}}))
+        except UserError as e:  # the saved options, since `given` were checked when this command's config was built
+            raise UserError(f"{self.path}/config.yaml does not fit this version's options ({e}): the run was made "
+                            "by another version") from None
         if hasattr(resumed, "validate"):
             resumed.validate()
         return resumed

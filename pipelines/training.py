@@ -36,13 +36,14 @@ def mixed_precision(name: str, device: str) -> str:
 
 def open_run(cfg, out: str | Path, name: str) -> tuple[RunDir, object]:
     """A new run folder OUT/train/<time>-<name>, or the one `cfg.resume` names with its saved options plus
-    those this command changed (`resume=RUN unet_steps=50000` trains on to 50k steps; `arch.` is fixed)."""
+    those this command changed (`resume=RUN unet_steps=50000` trains on to 50k steps); the architecture
+    (`arch.`, `layers.`) cannot change."""
     if cfg.resume is None:
         run = RunDir.create(out, "train", name)
         run.write_config(cfg)
         return run, cfg
     run = RunDir.existing(cfg.resume, "train")
-    resumed = run.resumed(type(cfg), changed(cfg, job_defaults(type(cfg))), free=lambda key: not key.startswith("arch."))
+    resumed = run.resumed(type(cfg), changed(cfg, job_defaults(type(cfg))), free=lambda key: not key.startswith(("arch.", "layers.")))
     run.write_config(resumed)
     return run, resumed
 

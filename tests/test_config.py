@@ -118,3 +118,9 @@ def test_model_presets_are_typed(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)
     with pytest.raises(UserError, match="unknown key 'motoin'"):
         config.model_preset("mine")
+    (tmp_path / "models" / "mine.yaml").write_text("path: somewhere\n3d:\n  field:\n    bnd: 1.0\n")
+    from dreamfusion.config import ThreeDConfig
+
+    with pytest.raises(UserError, match=r"configs/models/mine.yaml, section '3d:': unknown config key 'field.bnd': "
+                                        r"did you mean 'field.bound'"):
+        config.load(ThreeDConfig, "3d", ["model=mine"])

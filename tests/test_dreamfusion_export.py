@@ -101,7 +101,7 @@ def test_cleanup_keeps_zero_area_slivers_and_drops_collapsed_faces():
     assert len(cleaned.faces) == len(faces) - 1 and cleaned.is_watertight and cleaned.euler_number == 2
 
 
-@pytest.mark.parametrize("level, hint", [(PEAK * 2, "lower iso_level="), (-1.0, "raise iso_level=")])
+@pytest.mark.parametrize("level, hint", [(PEAK * 2, "lower export.iso_level="), (-1.0, "raise export.iso_level=")])
 def test_empty_level_set_raises_and_writes_nothing(tmp_path, level, hint):
     with pytest.raises(UserError, match=hint) as info:
         mesh = extract_mesh(density_grid(Blobs(), 16, 1.0), 1.0, level)
@@ -197,7 +197,7 @@ def test_turntable_mp4(tmp_path):
 
 
 def test_check_resolution():
-    with pytest.raises(UserError, match=r"use mesh_resolution=\d+") as info:
+    with pytest.raises(UserError, match=r"use export.mesh_resolution=\d+") as info:
         check_resolution(4096, available_bytes=2 * 2**30)
     assert "\n" not in str(info.value)
     check_resolution(256, available_bytes=2 * 2**30)

@@ -160,6 +160,10 @@ def test_resume_and_export_bad_directories(tiny_sd, tmp_path, capsys):
     (empty / "config.yaml").write_text(f"model: {tiny_sd}\nprompt: a red cube\n")
     assert "holds no checkpoint" in error("3d", "--resume", str(empty))
     assert "holds no field" in error("export", str(empty))
+    old = tmp_path / "3d" / "old"  # a run made before the 3D options were grouped
+    old.mkdir()
+    (old / "config.yaml").write_text(f"model: {tiny_sd}\nprompt: a red cube\nbound: 1.2\n")
+    assert "does not fit this version's options" in error("export", str(old))
     assert fit(tiny_sd, tmp_path / "ok") == 0
     d = only_run(tmp_path / "ok")
     assert "was made with guidance.scale=10" in error("3d", "--resume", str(d), "guidance.scale=20")

@@ -121,3 +121,24 @@ def test_eval_video_scores_the_masked_model(tiny_sd, masked_model, tmp_path):
         assert 0 < it[key] < 1
     assert 0 <= iv["identity_stability"] <= 1 and iv["first_step_jump"] > 0
     assert "Masked-frame model" in (d / "report.md").read_text()
+
+
+def test_each_pass_reschedules_noise_by_its_own_models_window(tiny_sd, monkeypatch):
+    """A plain pass uses the video UNet's attention window, a masked pass the masked-frame model's (an AnimateDiff
+    motion UNet has no window of ours, so a masked pass beside it still gets FreeNoise's rescheduling)."""
+    import video.pipeline as vp
+    from pipelines.prior import Prior
+    from video.config import VideoConfig
+    from video.temporal import TemporalConfig, inflate
+
+    prior = Prior.from_pretrained(str(tiny_sd))
+    masked = inflate(prior.unet, TemporalConfig(text_dim=prior.unet.config.cross_attention_dim, window=4))
+    model = vp.VideoModel(prior, torch.nn.Identity(), None, masked)  # a motion UNet without our temporal layers
+    windows = []
+    monkeypatch.setattr(vp, "reschedule_noise", lambda z, window, g: windows.append(window) or z)
+    monkeypatch.setattr(vp, "sample", lambda prior, text, latents, *a, **kw: latents)
+    cfg, g, shape = VideoConfig(steps=1), torch.Generator().manual_seed(0), (1, 4, 9, 2, 2)
+    text = prior.encode_prompt(["a red ball"], words=True)
+    model.sample(text, shape, cfg, g, False)
+    model.sample(text, shape, cfg, g, False, known=torch.ones(shape))
+    assert windows == [10**9, 4]

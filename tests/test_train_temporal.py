@@ -58,6 +58,18 @@ def test_train_temporal_on_a_video_folder_caption_free(tiny_sd, tmp_path):
     assert meta["captions"] is False and meta["clips"] == 6
 
 
+def test_resume_trains_on_the_runs_own_clips(tiny_sd, tmp_path, monkeypatch):
+    """The clip source is picked from the resumed run's data=, not from this command's default (toyworld)."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_mp4(videos / "clip.mp4", torch.rand(12, 3, 20, 20), fps=12)
+    asked, source = [], run.clip_source
+    monkeypatch.setattr(run, "clip_source", lambda data: asked.append(data) or source(data))
+    assert run.main(["train", "temporal", f"model={tiny_sd}", f"data={videos}", *TINY, "--out", str(tmp_path / "t")]) == 0
+    assert run.main(["train", "temporal", f"resume={only_run(tmp_path / 't')}", "steps=3", "--quiet"]) == 0
+    assert asked == [str(videos), str(videos)]
+
+
 def test_train_temporal_empty_video_folder_is_a_clear_error(tiny_sd, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -135,7 +147,8 @@ def test_train_temporal_noise_start_runs_and_is_checked(tiny_sd, tmp_path, capsy
 
 def test_v_prediction_prior_trains_the_temporal_layers_on_v(tiny_sd_v):
     """On a v-prediction prior (SD-2.x at 768), the video UNet learns v = a*eps - s*z0, not epsilon: the loss of
-    a fixed prediction is its mean square error to v, with a, s from the model's own alpha_bar(t)."""
+    a fixed prediction is its square error to v counted in epsilon units (times alpha_bar: eps = s x_t + a v),
+    with a, s from the model's own alpha_bar(t), so loss_weighting means the same as on an epsilon prior."""
     from diffusers import DDIMScheduler
 
     from pipelines.prior import Prior
@@ -166,18 +179,21 @@ def test_v_prediction_prior_trains_the_temporal_layers_on_v(tiny_sd_v):
         seen["guess"] = guess
         return TemporalObjective(Recorder(), prior, weighting, max_weight=20.0)(ids, z0, noise, t, fps)
 
-    # a fixed prediction's loss is its mean square error to v
-    torch.testing.assert_close(loss_of(other), per_clip(other, v).mean(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(seen["x_t"], a * z0 + s * noise, atol=1e-5, rtol=1e-5)
+    in_eps = abar[t].float()  # a squared error in v, counted in epsilon
+    # a fixed prediction's loss is its square error to v, in epsilon units: the error of the epsilon it implies
+    torch.testing.assert_close(loss_of(other), (in_eps * per_clip(other, v)).mean(), atol=1e-5, rtol=1e-5)
+    x_t = a * z0 + s * noise
+    torch.testing.assert_close(seen["x_t"], x_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_of(other), per_clip(s * x_t + a * other, noise).mean(), atol=1e-5, rtol=1e-5)
     # predicting v exactly costs nothing; predicting epsilon exactly (the epsilon target) does not
     assert float(loss_of(v)) < 1e-8
     eps_loss = loss_of(noise)
-    torch.testing.assert_close(eps_loss, per_clip(noise, v).mean(), atol=1e-5, rtol=1e-5)
-    assert float(eps_loss) > 0.1
+    torch.testing.assert_close(eps_loss, (in_eps * per_clip(noise, v)).mean(), atol=1e-5, rtol=1e-5)
+    assert float(eps_loss) > 0.01
     # loss_weighting=v weights each clip by 1/alpha_bar(t) (clipped, mean 1 over t), still against v
     w = (1 / abar).clamp(max=20.0)
     w = (w / w.mean()).float()[t]
-    torch.testing.assert_close(loss_of(other, "v"), (w * per_clip(other, v)).mean(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_of(other, "v"), (w * in_eps * per_clip(other, v)).mean(), atol=1e-5, rtol=1e-5)
 
 
 def test_train_temporal_on_a_v_prediction_prior(tiny_sd_v, tmp_path):

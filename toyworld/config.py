@@ -13,7 +13,7 @@ from pipelines.options import TrainingOptions
 
 @dataclass
 class Architecture:
-    """Sizes of the three networks (see configs/train_prior*.yaml for the shipped choices)."""
+    """Sizes of the three networks (the shipped prior's; configs/cpu/train_prior.yaml has smaller ones)."""
 
     image_size: int = option(64, "training image size in pixels")
     vae_channels: tuple[int, ...] = option((32, 64, 128), "VAE block widths; len-1 downsamplings (3 -> factor 4)")

@@ -88,7 +88,8 @@ class TrainTemporalConfig(TrainingOptions):
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
     loss_weighting: str = option("v", "v: the epsilon error weighted by 1/alpha_bar(t) (clipped at max_loss_weight), "
-                                      "which weights the noisy steps where layout and motion are decided; eps: plain DDPM")
+                                      "which weights the noisy steps where layout and motion are decided; eps: plain "
+                                      "DDPM (a v-prediction prior trains against v, its error counted in epsilon units)")
     max_loss_weight: float = option(20.0, "clip of the v weighting's 1/alpha_bar(t)")
     noise_start: float = option(0.5, "fraction of clips trained as the sampler's first steps see them: pure noise in, "
                                       "at t in noise_start_timesteps, target the noise that would make it from the clip")

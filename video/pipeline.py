@@ -119,9 +119,8 @@ class VideoModel:
 
     @property
     def window(self) -> int:
-        """Frames the temporal attention sees at once (longer clips run in overlapping windows)."""
-        temporal = getattr(self.unet, "temporal", None)
-        return temporal.cfg.window if temporal is not None else 10**9  # AnimateDiff: its own full attention
+        """Frames the video UNet's temporal attention sees at once (longer clips run in overlapping windows)."""
+        return temporal_window(self.unet)
 
     def sample(self, text: Conditioning, shape: tuple, cfg: VideoConfig, generator: torch.Generator, progress: bool,
                known: torch.Tensor | None = None, fps: float | None = None, init: torch.Tensor | None = None,
@@ -130,7 +129,8 @@ class VideoModel:
         come back exactly as given, and each step's input there is them noised to the step). `fps` conditions
         the temporal layers (default `cfg.fps`); `init` and `strength` < 1 start part of the way up the schedule."""
         denoiser = self.unet if known is None else self.masked
-        latents = reschedule_noise(initial_noise(shape, generator, self.prior.device), self.window, generator)
+        latents = reschedule_noise(initial_noise(shape, generator, self.prior.device), temporal_window(denoiser),
+                                   generator)
         kwargs = {"fps": fps or cfg.fps, "init": init, "strength": strength}
         if known is not None:
             mask = (known.abs().sum(1, keepdim=True) > 0).float()
@@ -165,6 +165,12 @@ class VideoModel:
                                       init=blend_known(known, k), strength=cfg.interpolate_strength)
         with timer("decode"):  # `decode_chunk` frames at a time, so memory does not grow with the length
             return prior.decode_latents(rearrange(latents, "b c f h w -> (b f) c h w"), cfg.decode_chunk)
+
+
+def temporal_window(denoiser: nn.Module) -> int:
+    """Frames a video UNet's temporal attention sees at once (AnimateDiff: its own full attention)."""
+    temporal = getattr(denoiser, "temporal", None)
+    return temporal.cfg.window if temporal is not None else 10**9
 
 
 def blend_known(known: torch.Tensor, k: int) -> torch.Tensor:

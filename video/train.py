@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from einops import rearrange
@@ -58,15 +59,16 @@ def known_frames_mask(mode: str, n: int, frames: int, g: torch.Generator) -> tor
 # ------------------------------------------------------------------------------------------ training
 class TemporalObjective(torch.nn.Module):
     """The diffusion loss of the video UNet against the prior's training target (epsilon or v, as the prior
-    predicts); only the temporal layers have trainable weights. The prior is held, not registered: its
-    weights are frozen and stay out of the checkpoints."""
+    predicts), counted in epsilon units so that `weighting` means the same on any prior; only the temporal
+    layers train. The prior is held, not registered: it is frozen and stays out of the checkpoints."""
 
     def __init__(self, video_unet, prior: Prior, weighting: str = "eps", max_weight: float = 20.0):
         super().__init__()
         self.video_unet, self.prior = video_unet, prior
         abar = prior.alphas_cumprod
         weight = torch.ones_like(abar) if weighting == "eps" else (1 / abar).clamp(max=max_weight)
-        self.register_buffer("weight", weight / weight.mean(), persistent=False)  # mean 1 over uniform t
+        weight = weight / weight.mean() * prior.eps_error_factor()  # mean 1 over uniform t, in epsilon units
+        self.register_buffer("weight", weight, persistent=False)
 
     def forward(self, ids, z0, noise, t, fps, mask=None, pure=None) -> torch.Tensor:
         """`pure` (b,) bool: clips whose input is the noise alone, as the sampler's first step sees it (its
@@ -76,10 +78,9 @@ class TemporalObjective(torch.nn.Module):
         prior = self.prior
         x_t = prior.add_noise(z0, noise, t)
         if pure is not None:
-            a, s = prior.alpha_sigma(t, z0.ndim)
             pure = pure.view(-1, 1, 1, 1, 1)
             x_t = torch.where(pure, noise, x_t)
-            noise = torch.where(pure, (noise - a * z0) / s, noise)
+            noise = torch.where(pure, prior.eps_from_x0(noise, z0, t), noise)  # the noise that makes x_t = noise
         with torch.no_grad():
             emb, words = prior.embed(ids, words=self.video_unet.temporal.cfg.word_states)
         known = None if mask is None else z0  # the known frames are given clean, as at inference
@@ -90,7 +91,8 @@ class TemporalObjective(torch.nn.Module):
 
 
 def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool = True, *,
-         clips: ClipSource) -> Path:
+         clip_source: Callable[[str], ClipSource]) -> Path:
+    """Train, or with `cfg.resume` train on; `clip_source(data)` gives the clips the run's `data=` names."""
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
@@ -107,6 +109,7 @@ def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool =
                             f"{prior.num_train_timesteps} training timesteps")
 
         # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
+        clips = clip_source(cfg.data)  # the resumed run's data, not this command's default
         videos, captions, fps = clips(cfg.bank_size, cfg.frames, prior.default_size, cfg.fps_choices, cfg.seed, show)
         latents = encode_clips(prior, videos)
         ids = prior.tokenize(captions if cfg.captions else [""] * len(captions))

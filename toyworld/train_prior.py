@@ -123,8 +123,7 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
     run, cfg = open_run(cfg, out, "prior")
     run_dir = run.path
     started, wall = time.monotonic(), {}
-    meta = run_dir / "metadata.json"
-    earlier = json.loads(meta.read_text()).get("sessions", []) if cfg.resume and meta.is_file() else []
+    earlier = run.metadata().get("sessions", []) if cfg.resume else []
     log: list = json.loads((run_dir / "losses.json").read_text()) if (run_dir / "losses.json").is_file() else []
     budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device), gradient_accumulation_steps=cfg.grad_accum,
@@ -210,7 +209,7 @@ def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = Tr
         write_json(model_dir / "training.json", summary)
         write_json(run_dir / "losses.json", log)
         plot_losses(run_dir / "loss_curve.png", log)
-        write_json(run_dir / "metadata.json", summary)
+        run.write_metadata(**summary)
         if cfg.save_to:
             install_dir(model_dir, Path(cfg.save_to))
         logger.info("trained prior saved to %s", model_dir)

@@ -26,7 +26,8 @@ from pipelines.media import save_image, to_pil, write_mp4
 from pipelines.prior import Conditioning, Prior
 from pipelines.rundir import RunDir
 from pipelines.runtime import Timer, atomic_path, pick_device, write_json
-from pipelines.training import Stage, checkpoint_seconds, checkpoint_step, mixed_precision, run_stage, step_generator
+from pipelines.training import (Stage, checkpoint_folder, checkpoint_seconds, checkpoint_step, mixed_precision, run_stage,
+                                step_generator)
 
 from .cameras import VIEWS, Cameras, camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
 from .config import ThreeDConfig, resume_free
@@ -264,7 +265,7 @@ def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:
     from safetensors.torch import load_file
 
     asset = Asset(cfg)
-    final, ckpt = run_dir / WEIGHTS_NAME, run_dir / "checkpoints" / STAGE / "model.safetensors"
+    final, ckpt = run_dir / WEIGHTS_NAME, checkpoint_folder(run_dir, STAGE) / "model.safetensors"
     if final.is_file():
         state = load_file(str(final))
     elif ckpt.is_file():

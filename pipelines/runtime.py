@@ -68,17 +68,19 @@ def slugify(text: str, max_len: int = 48) -> str:
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temp path next to `path`; rename it onto `path` only if the block succeeds (else remove it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any other file
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # readable like any other output: mkstemp and safetensors make 0600
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -1,11 +1,13 @@
-"""What every trainer shares (`run.py train prior|judge|temporal`): run directories that resume,
-the Accelerate optimisation loop with checkpoints, per-step generators, and a loss-curve PNG."""
+"""What every trainer shares (`run.py train prior|temporal`, `3d`): run folders that resume, the Accelerate
+optimisation loop, per-step generators, a loss-curve PNG, and checkpoints that load no pickle: tensors in
+safetensors, the rest in JSON, each checkpoint written to a temp folder and renamed into place whole."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import shutil
 import time
 import zlib
 from dataclasses import dataclass
@@ -75,14 +77,13 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
     opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.0, eps=adam_eps)
     model, opt = accel.prepare(objective, opt)
     warmup, began = min(cfg.warmup_steps, stage.steps // 5 + 1), time.monotonic()
-    if ema is not None:
-        accel.register_for_checkpointing(ema)
     ckpt = run_dir / "checkpoints" / stage.name
-    earlier = checkpoint_seconds(run_dir, stage.name) if start > 0 else 0.0  # this stage's time in earlier sessions
+    earlier = 0.0  # this stage's wall time in earlier sessions
     if start > 0:
-        accel.load_state(str(ckpt))
-        if ema is not None:
-            ema.to(accel.device)  # EMAModel.load_state_dict leaves its shadow weights on the CPU
+        restored = load_checkpoint(accel, checkpoint_folder(run_dir, stage.name), model, opt, ema)
+        earlier = restored["seconds"]
+        if log is not None:
+            log[:] = restored["log"]  # the history up to the checkpoint, whatever was written after it
     bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
                disable=not (progress and accel.is_main_process))
     step, running, count, done = start, 0.0, 0, start
@@ -99,7 +100,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
             done = step + 1
             if done % cfg.checkpoint_every == 0 or done == stage.steps or time.monotonic() > stage.deadline:
                 _check_finite(float(loss.detach()), stage, step, ckpt, params)
-                save_checkpoint(accel, ckpt, stage.name, done, earlier + time.monotonic() - began)
+                save_checkpoint(accel, ckpt, model, opt, ema, stage.name, done, earlier + time.monotonic() - began, log)
             if after_step is not None:
                 after_step(step)
             if time.monotonic() > stage.deadline and done < stage.steps:
@@ -107,7 +108,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
                 return done
     except KeyboardInterrupt:
         if done > start and all(torch.isfinite(p).all() for p in params):
-            save_checkpoint(accel, ckpt, stage.name, done, earlier + time.monotonic() - began)
+            save_checkpoint(accel, ckpt, model, opt, ema, stage.name, done, earlier + time.monotonic() - began, log)
             logger.warning("interrupted: checkpoint at step %d saved in %s (resume to continue)", done, ckpt)
         raise
     return max(start, step + 1) if stage.steps > start else start
@@ -140,16 +141,139 @@ def _check_finite(value: float, stage: Stage, step: int, ckpt: Path, params=None
         raise UserError(f"{stage.name}: {what} at step {step}; {kept}. Lower the learning rate and resume")
 
 
-def save_checkpoint(accel, folder: Path, stage: str, step: int, seconds: float) -> None:
-    """Accelerate's state, plus progress.json: the steps done and the stage's wall time so far, over all sessions."""
+# ------------------------------------------------------------------------------------------ checkpoints
+# A checkpoint folder holds model.safetensors (the trained parameters and the buffers), optimizer.safetensors +
+# optimizer.json, ema.safetensors + ema.json (with an EMA), rng.safetensors, and progress.json (stage, steps,
+# wall time, loss log). It is written whole into .<stage>.tmp and renamed into place; the one it replaces
+# is kept as .<stage>.old until then, so a kill at any moment leaves one complete checkpoint to resume from.
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "progress.json")
+
+
+def checkpoint_folder(run_dir: Path, stage: str) -> Path:
+    """The stage's last complete checkpoint: checkpoints/<stage>, or the one a killed save was replacing."""
+    final = Path(run_dir) / "checkpoints" / stage
+    old = final.with_name(f".{stage}.old")
+    return old if not final.exists() and old.is_dir() else final
+
+
+def save_checkpoint(accel, folder: Path, model, opt, ema, stage: str, step: int, seconds: float,
+                    log: list | None = None) -> None:
+    """Write the state to resume from, atomically (see CHECKPOINT_FILES)."""
+    from safetensors.torch import save_file
+
     accel.wait_for_everyone()
-    accel.save_state(str(folder))
-    if accel.is_main_process:
-        write_json(folder / "progress.json", {"stage": stage, "step": step, "seconds": round(seconds, 2)})
+    if not accel.is_main_process:
+        return
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    module = accel.unwrap_model(model)
+    trained = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
+    tensors = {k: v for k, v in module.state_dict().items() if k in trained}
+    optimizer, opt_json = _split(opt.state_dict())
+    files = {"model.safetensors": tensors, "optimizer.safetensors": optimizer, "rng.safetensors": _rng_state()}
+    meta = {"optimizer.json": opt_json}
+    if ema is not None:
+        files["ema.safetensors"], meta["ema.json"] = _split(ema.state_dict())
+    if accel.scaler is not None:
+        meta["scaler.json"] = accel.scaler.state_dict()
+    for name, state in files.items():
+        with atomic_path(tmp / name) as path:
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+    for name, data in meta.items():
+        write_json(tmp / name, data)
+    write_json(tmp / "progress.json", {"stage": stage, "step": step, "seconds": round(seconds, 2), "log": log or []})
+    if folder.exists():  # keep the last complete checkpoint until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(accel, folder: Path, model, opt, ema) -> dict:
+    """Restore what save_checkpoint wrote (no pickle is read); returns progress.json. A folder that is not a
+    complete checkpoint of this format is refused with one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    names = CHECKPOINT_FILES + (("ema.safetensors", "ema.json") if ema is not None else ())
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise UserError(f"{folder} is not a complete checkpoint of this version (no {missing[0]}); start a new run")
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        state = load_file(folder / "model.safetensors")
+        module = accel.unwrap_model(model)
+        result = module.load_state_dict(state, strict=False)
+        trained = {n for n, p in module.named_parameters() if p.requires_grad}
+        if result.unexpected_keys or trained - set(state):
+            raise ValueError(f"its model does not fit this run: {(result.unexpected_keys or sorted(trained - set(state)))[0]}")
+        opt.load_state_dict(_join(load_file(folder / "optimizer.safetensors"), _read(folder / "optimizer.json")))
+        if ema is not None:
+            ema.load_state_dict(_join(load_file(folder / "ema.safetensors"), _read(folder / "ema.json")))
+            ema.to(accel.device)
+        if accel.scaler is not None and (folder / "scaler.json").is_file():
+            accel.scaler.load_state_dict(_read(folder / "scaler.json"))
+        _set_rng_state(load_file(folder / "rng.safetensors"))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"cannot resume from {folder}: {first}") from None
+    return progress
+
+
+def _read(path: Path):
+    return json.loads(path.read_text())
+
+
+def _split(state, prefix: str = "") -> tuple[dict, object]:
+    """A nested state dict -> (its tensors by dotted path, the rest as JSON with {"tensor": path} in their places)."""
+    tensors = {}
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}, {"tensor": prefix}
+    if isinstance(state, dict):
+        rest = {}
+        for k, v in state.items():
+            t, rest[str(k)] = _split(v, f"{prefix}{k}.")
+            tensors.update(t)
+        return tensors, {"dict": rest, "int_keys": all(isinstance(k, int) for k in state) and bool(state)}
+    if isinstance(state, (list, tuple)):
+        items = []
+        for i, v in enumerate(state):
+            t, item = _split(v, f"{prefix}{i}.")
+            tensors.update(t)
+            items.append(item)
+        return tensors, {"list": items, "tuple": isinstance(state, tuple)}
+    return {}, {"value": state}
+
+
+def _join(tensors: dict, rest):
+    """_split's inverse."""
+    if "tensor" in rest:
+        return tensors[rest["tensor"]]
+    if "dict" in rest:
+        return {(int(k) if rest["int_keys"] else k): _join(tensors, v) for k, v in rest["dict"].items()}
+    if "list" in rest:
+        items = [_join(tensors, v) for v in rest["list"]]
+        return tuple(items) if rest["tuple"] else items
+    return rest["value"]
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _progress(run_dir: Path, stage: str) -> dict:
-    f = run_dir / "checkpoints" / stage / "progress.json"
+    f = checkpoint_folder(run_dir, stage) / "progress.json"
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
@@ -158,7 +282,7 @@ def checkpoint_step(run_dir: Path, stage: str) -> int:
 
 
 def checkpoint_seconds(run_dir: Path, stage: str) -> float:
-    """Wall time the stage had spent when its last checkpoint was saved (0 without one, or from before it was kept)."""
+    """Wall time the stage had spent when its last checkpoint was saved (0 without one)."""
     return _progress(run_dir, stage).get("seconds", 0.0)
 
 

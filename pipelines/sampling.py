@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
@@ -32,7 +34,7 @@ def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str
     `denoiser` (default: the prior's UNet) is what `prior.predict_noise` calls.
     """
     # 1. Scheduler
-    scheduler = make_scheduler(sampler, prior.noise_config)
+    scheduler = make_scheduler(sampler, prior.noise_config, steps)
     scheduler.set_timesteps(steps, device=prior.device)
     timesteps = scheduler.timesteps
     if init is not None and strength < 1:  # 2'. SDEdit: `init` noised to the first step kept
@@ -43,7 +45,10 @@ def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str
         latents = scheduler.add_noise(init.to(latents.dtype), latents, timesteps[:1])
     else:  # 2. Noise at the first timestep's scale (1 for DDPM-style samplers, sigma_max for Euler)
         latents = latents * scheduler.init_noise_sigma
-    # 3. Denoising loop
+    # 3. Denoising loop (`generator` only to schedulers whose step draws noise: PNDM's takes none)
+    params = inspect.signature(scheduler.step).parameters.values()
+    takes = any(p.name == "generator" or p.kind == p.VAR_KEYWORD for p in params)
+    step_kwargs = {"generator": generator} if takes else {}
     for t in tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
         if given is not None:
             clean, mask = given
@@ -52,5 +57,5 @@ def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str
             latents = torch.where(mask.bool(), noised.to(latents.dtype), latents)
         x_in = scheduler.scale_model_input(latents, t)
         eps = prior.predict_noise(x_in, t, text, guidance, denoiser=denoiser, **unet_kwargs)
-        latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     return latents

@@ -1,5 +1,6 @@
 """The prior against diffusers' StableDiffusionPipeline, and the interface's maths."""
 
+import copy
 import logging
 
 import numpy as np
@@ -34,7 +35,7 @@ def our_images(path, sampler, prompt, steps, guidance, seed, n=1, negative=""):
     return images.permute(0, 2, 3, 1).numpy()
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "euler", "pndm", "ddpm"])
 def test_matches_diffusers_epsilon(tiny_sd, sampler):
     ref = reference_images(tiny_sd, sampler, "a red cube", steps=4, guidance=7.5, seed=3, n=2, negative="blue")
     ours = our_images(tiny_sd, sampler, "a red cube", steps=4, guidance=7.5, seed=3, n=2, negative="blue")
@@ -42,10 +43,38 @@ def test_matches_diffusers_epsilon(tiny_sd, sampler):
     assert np.abs(ref - ours).max() < 1e-4
 
 
+# Not pndm: diffusers' PNDM converts v to epsilon after combining several steps' outputs (with the current
+# sample's alpha and sigma); the prior converts each output at its own timestep, so the two differ by design.
 @pytest.mark.parametrize("sampler", ["ddim", "euler"])
 def test_matches_diffusers_v_prediction(tiny_sd_v, sampler):
     ref = reference_images(tiny_sd_v, sampler, "a green ball", steps=3, guidance=5.0, seed=1)
     ours = our_images(tiny_sd_v, sampler, "a green ball", steps=3, guidance=5.0, seed=1)
+    assert np.abs(ref - ours).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15_pndm(tiny_sd, tmp_path_factory):
+    """The tiny model with SD-1.5's own scheduler config: PNDM, PLMS only (skip_prk_steps)."""
+    import json
+    import shutil
+
+    from diffusers import PNDMScheduler
+
+    path = tmp_path_factory.mktemp("models") / "tiny-sd15-pndm"
+    shutil.copytree(tiny_sd, path)
+    shutil.rmtree(path / "scheduler")
+    PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                  set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1).save_pretrained(path / "scheduler")
+    index = json.loads((path / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "PNDMScheduler"]
+    (path / "model_index.json").write_text(json.dumps(index))
+    return path
+
+
+@pytest.mark.parametrize("steps", [1, 3])  # PLMS needs no warm-up: any step count runs
+def test_pndm_matches_diffusers_with_sd15_scheduler_config(tiny_sd15_pndm, steps):
+    ref = reference_images(tiny_sd15_pndm, "pndm", "a red cube", steps=steps, guidance=7.5, seed=4, n=2, negative="blue")
+    ours = our_images(tiny_sd15_pndm, "pndm", "a red cube", steps=steps, guidance=7.5, seed=4, n=2, negative="blue")
     assert np.abs(ref - ours).max() < 1e-4
 
 
@@ -60,8 +89,12 @@ def test_cfg_is_one_batched_unet_call(tiny_sd):
     # guidance = 1 is the plain conditional prediction, from a single half-size call
     eps1 = prior.predict_noise(x, 500, text, guidance=1.0)
     assert calls[-1] == 3
-    cond = prior.predict_noise(x, 500, text, guidance=1.0)
-    torch.testing.assert_close(eps1, cond)
+    with torch.no_grad():  # the UNet itself on the prompts alone, not through predict_noise
+        cond = prior.unet(x, torch.tensor(500), encoder_hidden_states=text.cond).sample
+        uncond = prior.unet(x, torch.tensor(500), encoder_hidden_states=text.uncond).sample
+    assert (cond - uncond).abs().max() > 1e-3  # the prompt matters, so the checks below can tell them apart
+    torch.testing.assert_close(eps1, cond, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(eps, uncond + 7.5 * (cond - uncond), atol=1e-4, rtol=1e-4)
 
 
 def test_guidance_formula(tiny_sd):
@@ -122,10 +155,13 @@ def test_beta_schedules(tiny_sd, schedule):
     assert sched.config.beta_schedule == {"cosine": "squaredcos_cap_v2"}.get(schedule, schedule)
 
 
-def _fast_path_outputs(model, device: str, dtype: torch.dtype, fast: bool,
-                       compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The guided UNet's noise and the VAE's decode on fixed inputs, with the fast path on or off."""
+def _fast_path_outputs(model, device: str, dtype: torch.dtype, fast: bool, compile: bool = False,
+                       unet: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided UNet's noise and the VAE's decode on fixed inputs, with the fast path on or off (`unet`: a
+    copy of it replaces the model's)."""
     prior = Prior.from_pretrained(str(model), device, dtype)
+    if unet is not None:
+        prior.unet = copy.deepcopy(unet).to(device, dtype)
     if fast:
         prior.speed_up(fuse_qkv=True, channels_last=True, compile=compile)
     g = torch.Generator().manual_seed(0)
@@ -149,10 +185,16 @@ def test_fast_path_is_the_same_maths(tiny_sd):
 def test_compiled_unet_is_the_same_maths_and_caches_its_kernels(tiny_sd, tmp_path, monkeypatch):
     """compile=true: torch.compile of the UNet in place (still the same module), the same numbers,
     and its generated code lands in the on-disk cache a second run reuses."""
+    from diffusers import UNet2DConditionModel
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     torch._dynamo.reset()
+    torch.manual_seed(0)  # one attention block, half the tiny UNet: inductor's CPU codegen takes half as long
+    unet = UNet2DConditionModel(block_out_channels=(4,), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                mid_block_type=None, cross_attention_dim=32, norm_num_groups=2, attention_head_dim=2).eval()
     (eps, image), (eps_compiled, image_compiled) = (
-        _fast_path_outputs(tiny_sd, "cpu", torch.float32, True, compile=c) for c in (False, True))
+        _fast_path_outputs(tiny_sd, "cpu", torch.float32, True, compile=c, unet=unet) for c in (False, True))
     torch.testing.assert_close(eps_compiled, eps, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(image_compiled, image)  # the VAE is not compiled
     assert any((tmp_path / "inductor").rglob("*.py"))

@@ -52,3 +52,24 @@ def test_given_frames_enter_every_step_noised_to_it(prior, monkeypatch):
         assert abs(eps.mean()) < 0.15 and abs(eps.std() - 1) < 0.15, t
         other = (x[1::2] - abar.sqrt() * clean[1::2]) / (1 - abar).sqrt()
         assert t > 500 or abs(other.std() - 1) > 0.15  # the free frames are not tied to `clean`
+
+
+@pytest.mark.parametrize("sampler, steps, message", [
+    ("pndm", 3, "sampler=pndm needs steps >= 4"),  # the tiny model's config runs PNDM's Runge-Kutta warm-up
+    ("ddim", 1001, "steps=1001 is more than the model's 1000 training timesteps"),
+    ("ddpm", 5000, "steps=5000 is more than"),
+])
+def test_step_counts_a_scheduler_cannot_lay_out_are_one_line_errors(prior, sampler, steps, message):
+    from pipelines.errors import UserError
+
+    noise = initial_noise((1, prior.latent_channels, 4, 4), torch.Generator().manual_seed(0), prior.device)
+    with pytest.raises(UserError) as e:
+        sample(prior, prior.encode_prompt(["a red cube"]), noise, sampler, steps, 7.5, torch.Generator(), False)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_pndm_runs_from_its_shortest_step_count(prior):
+    """PNDM's step takes no generator; 4 steps (13 evaluations with its warm-up) run and give finite latents."""
+    noise = initial_noise((1, prior.latent_channels, 4, 4), torch.Generator().manual_seed(0), prior.device)
+    out = sample(prior, prior.encode_prompt(["a red cube"]), noise, "pndm", 4, 7.5, torch.Generator().manual_seed(0), False)
+    assert out.shape == noise.shape and torch.isfinite(out).all()

@@ -20,6 +20,7 @@ import torch
 
 from .errors import UserError
 from .loading import check_folder, content_hash, load_components, resolve_model
+from .runtime import cache_dir
 from .schedulers import beta_schedule_config
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 def compile_cache_dir() -> Path:
     """Where torch.compile keeps generated kernels between runs (TORCHINDUCTOR_CACHE_DIR wins if set)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "text2world" / "inductor"
+    return cache_dir() / "inductor"
 
 
 def _torch_cache_dir() -> str | None:

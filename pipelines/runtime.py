@@ -27,9 +27,14 @@ import yaml
 from .errors import UserError
 from .options import DTYPES
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)  # the process umask, read once at import (reading it means setting it)
+os.umask(UMASK)
 
+
+
+def cache_dir() -> Path:
+    """This project's cache folder: $XDG_CACHE_HOME/text2world, or ~/.cache/text2world."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "text2world"
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -46,6 +51,8 @@ def pick_device(name: str = "auto") -> torch.device:
         raise UserError(f"unknown device '{name}': use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}, but only {torch.cuda.device_count()} CUDA GPU(s) are visible (cuda:0 ...)")
     return device
 
 
@@ -76,7 +83,7 @@ def atomic_path(path: str | Path):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # readable like any other output: mkstemp and safetensors make 0600
+        os.chmod(tmp, 0o666 & ~UMASK)  # readable like any other output: mkstemp and safetensors make 0600
         os.replace(tmp, path)
     except BaseException:
         if tmp is not None:

@@ -97,6 +97,23 @@ def test_long_clips_use_fused_windows():
         assert y.shape == (22, 8, 3, 3) and torch.isfinite(y).all()
 
 
+def test_temporal_attention_knows_the_order_of_the_frames():
+    """Self-attention alone is permutation-equivariant: reversed frames would give the reversed output. The
+    frame positions added to the tokens make the order matter (zeroing them restores the symmetry)."""
+    from video.temporal import TemporalAttention, TemporalConfig
+
+    torch.manual_seed(0)
+    layer = TemporalAttention(8, TemporalConfig(text_dim=32, window=8))
+    with torch.no_grad():
+        layer.out.weight.normal_()
+        x = torch.randn(2 * 5, 8, 3, 3)  # (b f, c, h, w): 2 clips of 5 frames
+        reverse = lambda y: y.reshape(2, 5, 8, 3, 3).flip(1).reshape(10, 8, 3, 3)  # noqa: E731
+        out, out_of_reversed = layer(x, frames=5), layer(reverse(x), frames=5)
+        assert (reverse(out_of_reversed) - out).abs().max() > 1e-2
+        layer.positions.zero_()
+        torch.testing.assert_close(reverse(layer(reverse(x), frames=5)), layer(x, frames=5))
+
+
 def test_noise_rescheduling_reuses_first_window():
     from video.pipeline import reschedule_noise
 

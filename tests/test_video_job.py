@@ -33,20 +33,18 @@ def test_video_with_saved_motion_module(tiny_sd, tmp_path):
     assert probe(d / "video.mp4")["frames"] == 40
 
 
-@pytest.mark.parametrize("override, message", [
-    ("frames=0", "frames must be between 1 and"),
-    ("frames=257", "frames must be between 1 and 256"),
-    ("fps=0", "fps must be a positive number"),
-    ("fps=-3", "fps must be a positive number"),
-    ("height=31", "not a multiple of the VAE factor"),
-    ("motion=MODEL", "is not a motion module"),
-])
-def test_video_bad_input(tiny_sd, tmp_path, capsys, override, message):
-    override = override.replace("MODEL", str(tiny_sd))  # a real folder that is not a motion module
-    out = tmp_path / "out"
-    assert run.main(["video", "a red ball", f"model={tiny_sd}", "steps=1", "frames=2", override,
-                     "--out", str(out), "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
-    assert not (out / "video").exists() or not list((out / "video").iterdir())
+def test_shipped_toyworld_motion_moves_the_ball_right():
+    """The shipped ToyWorld prior and temporal layers (models/, nothing downloaded): "moving right" moves the
+    ball's silhouette centroid right frame after frame. Independent frames (temporal layers bypassed) do not."""
+    import torch
 
+    from evals.motion import slope, tracks
+    from video.config import VideoConfig
+    from video.pipeline import VideoModel
+
+    cfg = VideoConfig(model="toyworld", steps=4, frames=4, fps=8.0)  # 4 steps already show the motion
+    model = VideoModel.load(cfg)
+    clip = model.generate("a red ball moving right", cfg, torch.Generator("cpu").manual_seed(0), progress=False)
+    x = tracks(clip[None])["x"][0]  # centroid x per frame, pixels of the 64-pixel frame
+    # measured: steps of 2-3 px, as the training clips at fps 8; independent frames jump back and forth
+    assert bool(((x.diff() > 0.5) & (x.diff() < 6)).all()) and float(slope(x[None])[0]) > 1.0, x.tolist()

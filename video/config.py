@@ -12,6 +12,7 @@ from pipelines.options import SamplingOptions
 from pipelines.options import TrainingOptions
 
 MAX_FRAMES = 256  # longer than the trained window: temporal attention runs in overlapping windows
+MIN_FPS, MAX_FPS = 0.1, 1000.0
 MASK_MODES = ("none", "first", "interpolation", "mixed")
 LOSS_WEIGHTINGS = ("eps", "v")
 
@@ -35,12 +36,15 @@ class VideoConfig(SamplingOptions):
         super().validate()
         if not 1 <= self.frames <= MAX_FRAMES:
             raise UserError(f"frames must be between 1 and {MAX_FRAMES}, got {self.frames}")
-        if not self.fps > 0 or self.fps == float("inf"):
-            raise UserError(f"fps must be a positive number, got {self.fps}")
+        if not MIN_FPS <= self.fps <= MAX_FPS:  # an MP4 or GIF cannot hold a slower or faster rate
+            raise UserError(f"fps must be between {MIN_FPS} and {MAX_FPS}, got {self.fps}")
         if self.interpolate < 1:
             raise UserError(f"interpolate must be at least 1 (1 = no interpolation), got {self.interpolate}")
         if (self.frames - 1) * self.interpolate + 1 > 4 * MAX_FRAMES:
             raise UserError(f"frames={self.frames} with interpolate={self.interpolate} makes more than {4 * MAX_FRAMES} frames")
+        if self.output_fps > MAX_FPS:  # the rate the MP4 and GIF are written at
+            raise UserError(f"fps={self.fps} with interpolate={self.interpolate} writes the video at {self.output_fps} "
+                            f"frames per second; keep fps * interpolate <= {MAX_FPS:g}")
         if not 0 < self.interpolate_strength <= 1:
             raise UserError(f"interpolate_strength must be in (0, 1], got {self.interpolate_strength}")
         if self.image is not None and not Path(self.image).is_file():

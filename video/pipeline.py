@@ -15,7 +15,8 @@ from einops import rearrange
 from torch import nn
 
 from pipelines.errors import UserError
-from pipelines.loading import download, looks_like_hub_id, preset_folder
+from pipelines.loading import (MOTION_PATTERNS, check_finite, check_safetensors, download, looks_like_hub_id,
+                               preset_folder)
 from pipelines.media import from_pil, write_frames, write_gif, write_mp4
 from pipelines.prior import Conditioning, Prior
 from pipelines.rundir import RunDir
@@ -23,14 +24,18 @@ from pipelines.runtime import Timer, pick_device
 from pipelines.sampling import initial_noise, sample
 
 from .config import VideoConfig
-from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, inflate
+from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, inflate, window_starts
 
 logger = logging.getLogger(__name__)
+MAX_IMAGE_PIXELS = 64 * 10**6  # image= is resized to the clip's size; a larger one is a mistake or a bomb
 
 
 class AnimateDiffUNet(nn.Module):
     """diffusers' UNetMotionModel (the 2D UNet + an AnimateDiff MotionAdapter) behind the same call as our
-    VideoUNet: (b, c, f, h, w) in and out. AnimateDiff has no fps or word-embedding input; both are unused."""
+    VideoUNet: (b, c, f, h, w) in and out. AnimateDiff has no fps or word-embedding input; both are unused.
+    Clips longer than the adapter's `motion_max_seq_length` run in the project's long-video windows: the
+    UNet on half-overlapping windows of that length, fused with weights that fall to each window's ends
+    (`window_starts`, as our temporal attention's FreeNoise windows)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -40,19 +45,73 @@ class AnimateDiffUNet(nn.Module):
     def from_adapter(cls, unet: nn.Module, folder: Path) -> "AnimateDiffUNet":
         from diffusers import MotionAdapter, UNetMotionModel
 
-        adapter = MotionAdapter.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        weights = [p for p in folder.glob("*.safetensors") if "fp16" not in p.name]
+        if not weights:
+            raise UserError(f"{folder} has only pickle weights or none: an AnimateDiff adapter loads from safetensors")
+        for p in weights:
+            check_safetensors(p)
+        try:
+            adapter = MotionAdapter.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        except (OSError, ValueError, EnvironmentError) as e:
+            raise UserError(f"{folder} is not a loadable MotionAdapter: {str(e).strip().splitlines()[0][:160]}") from None
+        check_finite(adapter.state_dict(), folder)
         param = next(unet.parameters())
-        model = UNetMotionModel.from_unet2d(unet, adapter).to(param.device, param.dtype).eval().requires_grad_(False)
-        return cls(model)
+        try:
+            model = UNetMotionModel.from_unet2d(unet, adapter)
+        except RuntimeError as e:  # torch's message names the parameter only inside its block's ModuleList
+            raise ValueError(_adapter_mismatch(unet, adapter) or str(e)) from None
+        return cls(model.to(param.device, param.dtype).eval().requires_grad_(False))
 
     @property
     def config(self):
         return self.model.config
 
+    @property
+    def window(self) -> int:
+        """Frames the motion modules attend at once: the adapter's position table."""
+        return int(self.model.config.get("motion_max_seq_length") or 32)
+
     def forward(self, sample, timestep, encoder_hidden_states, fps=None, words=None, **unet_kwargs):
+        from diffusers.models.unets.unet_motion_model import UNetMotionOutput
+
+        frames, win = sample.shape[2], self.window
+        if frames <= win:
+            return self._clip(sample, timestep, encoder_hidden_states, **unet_kwargs)
+        ramp = torch.minimum(torch.arange(1, win + 1), torch.arange(win, 0, -1)).to(sample)  # 1..peak..1
+        out = torch.zeros_like(sample)
+        weight = torch.zeros(frames, device=sample.device, dtype=sample.dtype)
+        for s in window_starts(frames, win):
+            part = self._clip(sample[:, :, s:s + win], timestep, encoder_hidden_states, **unet_kwargs).sample
+            out[:, :, s:s + win] += part * ramp[:, None, None]
+            weight[s:s + win] += ramp
+        return UNetMotionOutput(sample=out / weight[:, None, None])
+
+    def _clip(self, sample, timestep, encoder_hidden_states, **unet_kwargs):
         # UNetMotionModel folds frames into the batch but expects the text already repeated per frame.
         text = encoder_hidden_states.repeat_interleave(sample.shape[2], dim=0)
         return self.model(sample, timestep, encoder_hidden_states=text, **unet_kwargs)
+
+
+def _adapter_mismatch(unet: nn.Module, adapter: nn.Module) -> str | None:
+    """The first motion-module parameter whose shape differs between `adapter` and what `unet` needs (or that
+    one side lacks), in one line; None if all fit. The needed shapes come from a weightless (meta) model."""
+    from diffusers import UNetMotionModel
+
+    try:
+        with torch.device("meta"):
+            needed = UNetMotionModel.from_unet2d(unet, adapter, load_weights=False).state_dict()
+    except Exception:  # noqa: BLE001 - only an error message is at stake
+        return None
+    needed = {k: tuple(v.shape) for k, v in needed.items() if "motion_modules" in k}
+    given = {k: tuple(v.shape) for k, v in adapter.state_dict().items() if "motion_modules" in k}
+    for key in sorted(needed.keys() | given.keys()):
+        if key not in given:
+            return f"the adapter has no {key} (the model needs shape {list(needed[key])})"
+        if key not in needed:
+            return f"the adapter's {key} {list(given[key])} has no place in the model"
+        if needed[key] != given[key]:
+            return f"{key} is {list(given[key])} in the adapter but {list(needed[key])} in the model"
+    return None
 
 
 def load_motion(prior: Prior, motion: str | None) -> nn.Module:
@@ -79,7 +138,7 @@ def _motion_folder(motion: str) -> Path:
     if path.is_dir():
         return path
     if looks_like_hub_id(motion):
-        return download(motion, None)
+        return download(motion, None, MOTION_PATTERNS)
     raise UserError(f"motion={motion}: no such folder")
 
 
@@ -168,9 +227,9 @@ class VideoModel:
 
 
 def temporal_window(denoiser: nn.Module) -> int:
-    """Frames a video UNet's temporal attention sees at once (AnimateDiff: its own full attention)."""
+    """Frames a video UNet's temporal attention sees at once (AnimateDiff: its adapter's position table)."""
     temporal = getattr(denoiser, "temporal", None)
-    return temporal.cfg.window if temporal is not None else 10**9
+    return temporal.cfg.window if temporal is not None else getattr(denoiser, "window", 10**9)
 
 
 def blend_known(known: torch.Tensor, k: int) -> torch.Tensor:
@@ -203,8 +262,11 @@ def load_image(path: str, height: int, width: int) -> torch.Tensor:
 
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:  # read from the header, before anything is decoded
+                raise UserError(f"image={path} is {im.width}x{im.height}: larger than {MAX_IMAGE_PIXELS // 10**6} "
+                                "megapixels; give a smaller image")
             image = im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise UserError(f"image={path} cannot be read as an image ({str(e).splitlines()[0][:80]})") from None
     if image.size != (width, height):
         logger.warning("image=%s is %dx%d; resized to the clip's %dx%d", path, *image.size, width, height)
@@ -217,7 +279,7 @@ def main(cfg: VideoConfig, prompts: list[str], out: str | Path, progress: bool =
     with timer("load"):
         model = VideoModel.load(cfg)
     prior = model.prior
-    height, width = cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail before writing anything
+    height, width = cfg.check_model(prior)  # fail before writing anything
     first = load_image(cfg.image, height, width) if cfg.image else None
     with timer("hash"):
         model_hash = prior.content_hash()
@@ -227,22 +289,22 @@ def main(cfg: VideoConfig, prompts: list[str], out: str | Path, progress: bool =
 
 def run(model: VideoModel, prompt: str, cfg: VideoConfig, seed: int, out: str | Path, model_hash: str,
         setup_s: dict, progress: bool = True, first_frame: torch.Tensor | None = None) -> Path:
-    run_dir = RunDir.create(out, "video", prompt)
-    run_dir.write_config(cfg, prompt=prompt, seed=seed)
-    timer, prior = Timer(), model.prior
-    timer.stages.update(setup_s)
-    frames = model.generate(prompt, cfg, torch.Generator("cpu").manual_seed(seed), timer, progress, first_frame)
-    with timer("save"):
-        outputs = [write_mp4(run_dir / "video.mp4", frames, cfg.output_fps).name,
-                   write_gif(run_dir / "preview.gif", frames, cfg.output_fps).name]
-        if cfg.save_frames:
-            outputs += [f"frames/{p.name}" for p in write_frames(run_dir / "frames", frames)]
-    run_dir.write_metadata(
-        job="video", prompt=prompt, negative=cfg.negative, seed=seed, model=prior.model_id, model_hash=model_hash,
-        motion=model.motion, device=str(prior.device), dtype=str(prior.dtype).removeprefix("torch."),
-        frames=len(frames), fps=cfg.output_fps, interpolate=cfg.interpolate, image=cfg.image,
-        masked_motion=model.masked_motion,
-        interpolate_strength=cfg.interpolate_strength if cfg.interpolate > 1 else None,
-        height=frames.shape[-2], width=frames.shape[-1], outputs=outputs, timings_s=timer.stages)
+    with RunDir.create(out, "video", prompt) as run_dir:  # a run that fails removes its folder
+        run_dir.write_config(cfg, prompt=prompt, seed=seed)
+        timer, prior = Timer(), model.prior
+        timer.stages.update(setup_s)
+        frames = model.generate(prompt, cfg, torch.Generator("cpu").manual_seed(seed), timer, progress, first_frame)
+        with timer("save"):
+            outputs = [write_mp4(run_dir / "video.mp4", frames, cfg.output_fps).name,
+                       write_gif(run_dir / "preview.gif", frames, cfg.output_fps).name]
+            if cfg.save_frames:
+                outputs += [f"frames/{p.name}" for p in write_frames(run_dir / "frames", frames)]
+        run_dir.write_metadata(
+            job="video", prompt=prompt, negative=cfg.negative, seed=seed, model=prior.model_id, model_hash=model_hash,
+            motion=model.motion, device=str(prior.device), dtype=str(prior.dtype).removeprefix("torch."),
+            frames=len(frames), fps=cfg.output_fps, interpolate=cfg.interpolate, image=cfg.image,
+            masked_motion=model.masked_motion,
+            interpolate_strength=cfg.interpolate_strength if cfg.interpolate > 1 else None,
+            height=frames.shape[-2], width=frames.shape[-1], outputs=outputs, timings_s=timer.stages)
     logger.info("wrote %d frames to %s", len(frames), run_dir / "video.mp4")
     return run_dir.path

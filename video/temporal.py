@@ -314,8 +314,8 @@ def inflate(unet: nn.Module, cfg: TemporalConfig | None = None, weights: str | P
     cfg = cfg or TemporalConfig(text_dim=unet.config.cross_attention_dim)
     temporal = TemporalLayers(unet, cfg)
     if weights is not None:
-        from safetensors.torch import load_file
+        from pipelines.loading import load_safetensors
 
-        temporal.load_state_dict(load_file(Path(weights) / WEIGHTS_NAME))
+        temporal.load_state_dict(load_safetensors(Path(weights) / WEIGHTS_NAME))  # corrupt: one line naming it
     param = next(unet.parameters())
     return VideoUNet(unet, temporal.to(param.device, param.dtype))

@@ -3,6 +3,7 @@
 
     python run.py image "a red cube" steps=20 guidance=5 seed=3
     python run.py 3d "a red cube" field.encoding=hashgrid export.formats=[glb]
+    python run.py image steps=20 -- "style=anime cat"         # a prompt with an '=' goes after --
     accelerate launch run.py image --prompts prompts.txt      # prompts split across GPUs
 
 Options start from the job's dataclass defaults and the model preset's section, then --config FILE, then
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import logging
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -123,7 +126,9 @@ def build_parser(detailed: str | None = None) -> Parser:
         if None in variants and variants[None].run_dir:
             p.add_argument("args", nargs="*", metavar="RUN_DIR | key=value", help="the run directory, then option overrides")
         elif None in variants:
-            p.add_argument("args", nargs="*", metavar="PROMPT | key=value", help="the prompt, then option overrides")
+            p.add_argument("args", nargs="*", metavar="PROMPT | key=value",
+                           help="the prompt, then option overrides; a prompt with an '=' goes last, after --: "
+                                "python run.py image steps=20 -- \"style=anime cat\"")
             p.add_argument("--prompts", metavar="FILE", help="run every line of FILE as a prompt (blank lines and # comments skipped)")
         else:
             p.add_argument("what", metavar="WHAT", help=" | ".join(variants))
@@ -150,7 +155,11 @@ def read_prompts(words: list[str], prompts_file: str | None) -> list[str]:
         path = Path(prompts_file)
         if not path.is_file():
             raise UserError(f"prompts file {path} does not exist")
-        prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"prompts file {path} is not UTF-8 text") from None
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         if not prompts:
             raise UserError(f"prompts file {path} holds no prompt")
         return prompts
@@ -188,6 +197,9 @@ def configure_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    literal: list[str] = []  # words after `--` are the prompt, even with an `=` in them
+    if "--" in argv:
+        argv, literal = argv[:argv.index("--")], argv[argv.index("--") + 1:]
     try:
         parser = build_parser(detailed=next((a for a in argv if a in JOBS), None) if {"-h", "--help"} & set(argv) else None)
         # key=value words may come after --options too; argparse leaves those over, so collect them.
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.args = args.args + extra
         words, overrides = split_args(args.args)
+        words += literal
         variants, what = JOBS[args.job], getattr(args, "what", None)
         if what not in variants:
             raise UserError(f"cannot {args.job} '{what}': choose one of {', '.join(variants)}")
@@ -231,6 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # the disk is full or read-only: what the run started is removed, say it in one line
+        reason = disk_error(e)
+        if reason is None:
+            raise
+        print(f"error: {reason}; free some space or pass --out DIR", file=sys.stderr)
+        return 2
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(e: Exception) -> str | None:
+    """'cannot write ...' when `e` says the disk is full or read-only, else None: an OSError with that errno, or
+    safetensors' SafetensorError, which wraps the OS error in its text ("... (os error 28)")."""
+    if isinstance(e, OSError):
+        return f"cannot write {e.filename or 'the output'}: {e.strerror}" if e.errno in DISK_ERRNOS else None
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if code and int(code[1]) in DISK_ERRNOS:
+        return f"cannot write the output: {os.strerror(int(code[1]))}"
+    return None
 
 
 if __name__ == "__main__":

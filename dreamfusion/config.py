@@ -14,7 +14,7 @@ from typing import Optional
 
 from pipelines.config import group, option
 from pipelines.errors import UserError
-from pipelines.options import PriorOptions
+from pipelines.options import PriorOptions, check_seed
 
 ENCODINGS = ("frequency", "hashgrid")
 DENSITY_ACTIVATIONS = ("softplus", "exp")
@@ -283,6 +283,7 @@ class ThreeDConfig(PriorOptions):
         if self.val_every < 0 or self.warmup_steps < 0 or not self.lr > 0:
             raise UserError("val_every and warmup_steps must be >= 0 and lr > 0")
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        check_seed(self.seed)
 
 
 # Options that may differ when a run resumes: they change what is written or how fast, not the optimisation.

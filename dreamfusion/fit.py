@@ -11,7 +11,6 @@ continues exactly.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,11 +21,12 @@ from torch import nn
 
 from pipelines.config import changed, job_defaults
 from pipelines.errors import UserError
+from pipelines.loading import load_safetensors
 from pipelines.media import save_image, to_pil, write_mp4
 from pipelines.prior import Conditioning, Prior
 from pipelines.rundir import RunDir
 from pipelines.runtime import Timer, atomic_path, pick_device, write_json
-from pipelines.training import (Stage, checkpoint_folder, checkpoint_seconds, checkpoint_step, mixed_precision, run_stage,
+from pipelines.training import (Stage, accelerator, checkpoint_folder, checkpoint_seconds, checkpoint_step, run_stage,
                                 step_generator)
 
 from .cameras import VIEWS, Cameras, camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
@@ -168,8 +168,6 @@ def main(cfg: ThreeDConfig, prompts: list[str] | None, out: str | Path = "output
 
 
 def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", progress: bool = True) -> Path:
-    from accelerate import Accelerator
-
     from .export import check_resolution
 
     timer, started = Timer(), time.monotonic()
@@ -179,42 +177,43 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     with timer("load"):
         prior = Prior.from_options(cfg, device)
     if run is None:
-        run = RunDir.create(out, "3d", prompt)
-        run.write_config(cfg, prompt=prompt)
-    accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, device.type), cpu=device.type == "cpu")
+        with RunDir.create(out, "3d", prompt) as run:  # a failed write removes the folder
+            run.write_config(cfg, prompt=prompt)
+    run.keep = lambda: fitted_steps(run.path) > 0  # a failed new run keeps its folder only to resume from
+    with run:
+        accel = accelerator(str(device), cfg.mixed_precision)
 
-    torch.manual_seed(cfg.seed)
-    asset = Asset(cfg).to(device)
-    renderer = make_renderer(device, cfg.render, cfg.field.bound)
-    objective = SDSObjective(asset, renderer, SDS(prior, cfg.guidance), ViewPrompts(prior, prompt, cfg.negative, cfg), cfg)
-    val_cams = turntable_cameras(4, cfg, device, elevation=20.0)
+        torch.manual_seed(cfg.seed)
+        asset = Asset(cfg).to(device)
+        renderer = make_renderer(device, cfg.render, cfg.field.bound)
+        objective = SDSObjective(asset, renderer, SDS(prior, cfg.guidance), ViewPrompts(prior, prompt, cfg.negative, cfg), cfg)
+        val_cams = turntable_cameras(4, cfg, device, elevation=20.0)
 
-    def batch(step: int) -> dict:
-        return {"step": step, "progress": step / cfg.steps, "generator": step_generator(cfg.seed, STAGE, step, 0)}
+        def batch(step: int) -> dict:
+            return {"step": step, "progress": step / cfg.steps, "generator": step_generator(cfg.seed, STAGE, step, 0)}
 
-    def after_step(step: int) -> None:
-        renderer.update(step, asset.field)
-        if cfg.val_every and (step + 1) % cfg.val_every == 0:
-            views = render_views(asset, renderer, val_cams, cfg.render.resolution, cfg)
-            save_image(run / "val" / f"step_{step + 1:06d}.png", to_pil(rearrange(views, "b c h w -> 1 c h (b w)"))[0])
+        def after_step(step: int) -> None:
+            renderer.update(step, asset.field)
+            if cfg.val_every and (step + 1) % cfg.val_every == 0:
+                views = render_views(asset, renderer, val_cams, cfg.render.resolution, cfg)
+                save_image(run / "val" / f"step_{step + 1:06d}.png", to_pil(rearrange(views, "b c h w -> 1 c h (b w)"))[0])
 
-    log_file = run / "losses.json"
-    log = json.loads(log_file.read_text()) if log_file.is_file() else []
-    deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
-    timer.stages["fit"] = checkpoint_seconds(run.path, STAGE)  # a resumed fit counts its earlier sessions too
-    with timer("fit"):
-        done = run_stage(accel, Stage(STAGE, cfg.steps, cfg.lr, deadline), objective, list(asset.parameters()),
-                         batch, cfg, run.path, fitted_steps(run.path), progress=progress, log=log,
-                         after_step=after_step, adam_eps=1e-15)
-    write_json(log_file, log)
-    save_asset(asset, run / WEIGHTS_NAME)
-    with timer("export"):
-        files = export_asset(asset, renderer, cfg, run.path, progress=progress)
-    run.write_metadata(prompt=prompt, steps=done, model=prior.model_id, model_hash=prior.content_hash(),
-                       device=str(device), mixed_precision=accel.mixed_precision, timings_s=timer.stages,
-                       files={k: str(Path(v).name) for k, v in files.items()})
-    logger.info("3d asset written to %s", run.path)
-    return run.path
+        log_file, log = run / "losses.json", []  # a resume gets the log from its checkpoint
+        deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+        timer.stages["fit"] = checkpoint_seconds(run.path, STAGE)  # a resumed fit counts its earlier sessions too
+        with timer("fit"):
+            done = run_stage(accel, Stage(STAGE, cfg.steps, cfg.lr, deadline), objective, list(asset.parameters()),
+                             batch, cfg, run.path, fitted_steps(run.path), progress=progress, log=log,
+                             after_step=after_step, adam_eps=1e-15)
+        write_json(log_file, log)
+        save_asset(asset, run / WEIGHTS_NAME)
+        with timer("export"):
+            files = export_asset(asset, renderer, cfg, run.path, progress=progress)
+        run.write_metadata(prompt=prompt, steps=done, model=prior.model_id, model_hash=prior.content_hash(),
+                           device=str(device), mixed_precision=accel.mixed_precision, timings_s=timer.stages,
+                           files={k: str(Path(v).name) for k, v in files.items()})
+        logger.info("3d asset written to %s", run.path)
+        return run.path
 
 
 @torch.no_grad()
@@ -262,16 +261,14 @@ def save_asset(asset: Asset, path: Path) -> None:
 
 def load_asset(run_dir: Path, cfg: ThreeDConfig, device) -> Asset:
     """The run's final asset, or its last checkpoint's (for `export` on an unfinished run)."""
-    from safetensors.torch import load_file
-
     asset = Asset(cfg)
     final, ckpt = run_dir / WEIGHTS_NAME, checkpoint_folder(run_dir, STAGE) / "model.safetensors"
-    if final.is_file():
-        state = load_file(str(final))
-    elif ckpt.is_file():
-        state = {k[len("asset."):]: v for k, v in load_file(str(ckpt)).items() if k.startswith("asset.")}
-    else:
+    source = final if final.is_file() else ckpt
+    if not source.is_file():
         raise UserError(f"{run_dir} holds no field: neither {WEIGHTS_NAME} nor a checkpoint (run `python run.py 3d` first)")
+    state = load_safetensors(source)  # truncated or corrupt: one line naming the file
+    if source == ckpt:
+        state = {k[len("asset."):]: v for k, v in state.items() if k.startswith("asset.")}
     try:
         result = asset.load_state_dict(state, strict=False)
         mismatch = result.missing_keys + result.unexpected_keys

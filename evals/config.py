@@ -8,7 +8,7 @@ from typing import Optional
 from dreamfusion.config import ThreeDConfig
 from pipelines.config import option
 from pipelines.errors import UserError
-from pipelines.options import SamplingOptions
+from pipelines.options import SamplingOptions, check_seed
 from toyworld.vocab import COLOR_NAMES, MOTIONS, SHAPES
 from video.config import MAX_FRAMES, VideoConfig
 
@@ -133,6 +133,8 @@ class TrainJudgeConfig:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
             raise UserError(f"lr must be between 0 and 1, got {self.lr}")
+        check_seed(self.seed)
+        check_seed(self.eval_seed, "eval_seed")
         if self.eval_seed == self.seed:
             raise UserError("eval_seed must differ from seed, or the held-out renders are the training renders")
         if self.save_to is not None and not self.save_to.strip():

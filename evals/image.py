@@ -259,23 +259,23 @@ def main(cfg: EvalImageConfig, out: str | Path = "outputs", progress: bool = Tru
     with timer("load"):
         prior = Prior.from_options(cfg, device)
     cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
-    run = RunDir.create(out, "eval", "image")
-    run.write_config(cfg)
-    prompts = prompt_grid(cfg)
-    with timer("generate"):
-        images = generate_all(prior, prompts, cfg, progress)
-    with timer("judge"):
-        predicted = judge.predict(images)
-    report = build_report(prompts, cfg, predicted, judge.metrics)
-    run.write_json("report.json", report)
-    run.write_text("report.md", markdown(report))
-    save_image(run / "grid.png", grid_image(images, report["grid"], cfg))
-    run.write_metadata(job="eval image", model=prior.model_id, model_hash=prior.content_hash(), judge=cfg.judge,
-                       judge_hash=content_hash(judge.folder), seed=cfg.seed, images=len(images), device=str(device),
-                       dtype=str(prior.dtype).removeprefix("torch."), height=images.shape[-2], width=images.shape[-1],
-                       timings_s=timer.stages)
-    grid = report["grid"]
-    logger.info("colour %.1f%%, shape %.1f%%, both %.1f%% right over %d images; report in %s",
-                100 * grid["color_accuracy"], 100 * grid["shape_accuracy"], 100 * grid["both_accuracy"],
-                grid["images"], run.path)
-    return run.path
+    with RunDir.create(out, "eval", "image") as run:  # a run that fails removes its folder
+        run.write_config(cfg)
+        prompts = prompt_grid(cfg)
+        with timer("generate"):
+            images = generate_all(prior, prompts, cfg, progress)
+        with timer("judge"):
+            predicted = judge.predict(images)
+        report = build_report(prompts, cfg, predicted, judge.metrics)
+        run.write_json("report.json", report)
+        run.write_text("report.md", markdown(report))
+        save_image(run / "grid.png", grid_image(images, report["grid"], cfg))
+        run.write_metadata(job="eval image", model=prior.model_id, model_hash=prior.content_hash(), judge=cfg.judge,
+                           judge_hash=content_hash(judge.folder), seed=cfg.seed, images=len(images), device=str(device),
+                           dtype=str(prior.dtype).removeprefix("torch."), height=images.shape[-2], width=images.shape[-1],
+                           timings_s=timer.stages)
+        grid = report["grid"]
+        logger.info("colour %.1f%%, shape %.1f%%, both %.1f%% right over %d images; report in %s",
+                    100 * grid["color_accuracy"], 100 * grid["shape_accuracy"], 100 * grid["both_accuracy"],
+                    grid["images"], run.path)
+        return run.path

@@ -242,32 +242,32 @@ def train(judge: Judge, images: torch.Tensor, labels: dict, cfg: TrainJudgeConfi
 def main(cfg: TrainJudgeConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
     """Render, train, measure on fresh renders, save into RUN_DIR/judge and install to `save_to`."""
     device = pick_device(cfg.device)
-    run = RunDir.create(out, "train", "judge")
-    run.write_config(cfg)
-    run_dir = run.path
-    started, wall = time.monotonic(), {}
-    images, labels = render_set(cfg.bank_size, cfg.seed, progress, max_offset=cfg.max_offset, p_offset=cfg.p_offset)
-    held_out, held_labels = render_set(cfg.eval_size, cfg.eval_seed, progress, max_offset=cfg.max_offset,
-                                       p_offset=cfg.p_offset)
-    wall["render_s"] = round(time.monotonic() - started, 1)
+    with RunDir.create(out, "train", "judge") as run:  # a run that fails removes its folder
+        run.write_config(cfg)
+        run_dir = run.path
+        started, wall = time.monotonic(), {}
+        images, labels = render_set(cfg.bank_size, cfg.seed, progress, max_offset=cfg.max_offset, p_offset=cfg.p_offset)
+        held_out, held_labels = render_set(cfg.eval_size, cfg.eval_seed, progress, max_offset=cfg.max_offset,
+                                           p_offset=cfg.p_offset)
+        wall["render_s"] = round(time.monotonic() - started, 1)
 
-    torch.manual_seed(cfg.seed)
-    judge = Judge().to(device)
-    t0 = time.monotonic()
-    log = train(judge, images, labels, cfg, device, progress)
-    wall["train_s"] = round(time.monotonic() - t0, 1)
+        torch.manual_seed(cfg.seed)
+        judge = Judge().to(device)
+        t0 = time.monotonic()
+        log = train(judge, images, labels, cfg, device, progress)
+        wall["train_s"] = round(time.monotonic() - t0, 1)
 
-    metrics = held_out_metrics(judge, held_out, held_labels, cfg.eval_seed)
-    wall["total_s"] = round(time.monotonic() - started, 1)
-    folder = save_judge(judge.cpu(), run_dir / "judge", {**metrics, "steps": cfg.steps})
-    write_text(folder / "README.md", model_card(cfg, metrics, wall, sum(p.numel() for p in judge.parameters()), device))
-    write_json(run_dir / "losses.json", log)
-    run.write_metadata(job="train judge", held_out=metrics, steps=cfg.steps, wall_s=wall, device=str(device),
-                       cpu_threads=torch.get_num_threads(), parameters=sum(p.numel() for p in judge.parameters()))
-    if cfg.save_to:
-        install_dir(folder, Path(cfg.save_to))
-    logger.info("judge held-out accuracy %s; saved to %s", metrics["accuracy"], folder)
-    return run_dir
+        metrics = held_out_metrics(judge, held_out, held_labels, cfg.eval_seed)
+        wall["total_s"] = round(time.monotonic() - started, 1)
+        folder = save_judge(judge.cpu(), run_dir / "judge", {**metrics, "steps": cfg.steps})
+        write_text(folder / "README.md", model_card(cfg, metrics, wall, sum(p.numel() for p in judge.parameters()), device))
+        write_json(run_dir / "losses.json", log)
+        run.write_metadata(job="train judge", held_out=metrics, steps=cfg.steps, wall_s=wall, device=str(device),
+                           cpu_threads=torch.get_num_threads(), parameters=sum(p.numel() for p in judge.parameters()))
+        if cfg.save_to:
+            install_dir(folder, Path(cfg.save_to))
+        logger.info("judge held-out accuracy %s; saved to %s", metrics["accuracy"], folder)
+        return run_dir
 
 
 def held_out_metrics(judge: Judge, images: torch.Tensor, labels: dict, seed: int) -> dict:

@@ -229,38 +229,40 @@ def main(cfg: Eval3DConfig, out: str | Path = "outputs", progress: bool = True) 
         timer.stages = dict(next((r["timings_s"] for r in records if "timings_s" in r), {}))
     earlier, planned = {}, len(cfg.grid()) * cfg.seeds
     if run is None:
-        run = RunDir.create(out, "eval", "3d")
-        run.write_config(cfg)
+        with RunDir.create(out, "eval", "3d") as run:  # a failed write removes the folder
+            run.write_config(cfg)
         eval_dir = run.path
     else:
         earlier = earlier_runs(eval_dir)
         logger.info("resuming %s: %d of %d assets already started or done", eval_dir, len(earlier), planned)
-    rows, strips = [], []
-    fit_cfg = ThreeDConfig(**{k: getattr(cfg, k) for k in ThreeDConfig.__dataclass_fields__ if k != "resume"})
-    for c, s in cfg.grid():
-        prompt = f"a {COLOR_NAMES[c]} {SHAPES[s]}"
-        for k in range(cfg.seeds):
-            run_dir = earlier.get((prompt, cfg.seed + k))
-            if run_dir is None or not (run_dir / "metadata.json").is_file():  # fit it, or finish fitting it
-                resume = None if run_dir is None else str(run_dir)
-                with timer("fit"):
-                    run_dir = fit(replace(fit_cfg, seed=cfg.seed + k, resume=resume), prompt, eval_dir, progress)
-            scored = load_score(run_dir)  # scored by an earlier pass of this eval
-            if scored is None:
-                with timer("score"):
-                    scored = score_asset(run_dir, c, s, cfg, judge, device)
-                save_score(run_dir, scored)
-            strips.append(scored.pop("views"))
-            rows.append({"prompt": prompt, "seed": cfg.seed + k, "color_index": c, "shape_index": s,
-                         "shape_name": SHAPES[s], "run": run_dir.name, **scored})
-            logger.info("%s (seed %d): IoU %.3f", prompt, cfg.seed + k, scored["iou"])
-            # after every asset: a stopped eval (hours on a CPU) still leaves the numbers so far
-            report = {"summary": summarise(rows), "assets": rows, "planned": planned, "judge": cfg.judge,
-                      "judge_metrics": judge.metrics, "timings_s": timer.stages}
-            run.write_json("report.json", report)
-            run.write_text("report.md", markdown(report))
-    sheet = rearrange(torch.stack(strips), "a v c h w -> c (a h) (v w)")  # one row per asset: NeRF over mesh
-    save_image(eval_dir / "turntables.png", to_pil(sheet[None])[0])
-    run.write_metadata(job="eval 3d", timings_s=timer.stages)
-    logger.info("eval 3d: %s", {k: v for k, v in report["summary"].items() if k != "per_shape_iou"})
-    return eval_dir
+    run.keep = lambda: (run / "3d").is_dir()  # an eval that fitted anything keeps it, to resume
+    with run:
+        rows, strips = [], []
+        fit_cfg = ThreeDConfig(**{k: getattr(cfg, k) for k in ThreeDConfig.__dataclass_fields__ if k != "resume"})
+        for c, s in cfg.grid():
+            prompt = f"a {COLOR_NAMES[c]} {SHAPES[s]}"
+            for k in range(cfg.seeds):
+                run_dir = earlier.get((prompt, cfg.seed + k))
+                if run_dir is None or not (run_dir / "metadata.json").is_file():  # fit it, or finish fitting it
+                    resume = None if run_dir is None else str(run_dir)
+                    with timer("fit"):
+                        run_dir = fit(replace(fit_cfg, seed=cfg.seed + k, resume=resume), prompt, eval_dir, progress)
+                scored = load_score(run_dir)  # scored by an earlier pass of this eval
+                if scored is None:
+                    with timer("score"):
+                        scored = score_asset(run_dir, c, s, cfg, judge, device)
+                    save_score(run_dir, scored)
+                strips.append(scored.pop("views"))
+                rows.append({"prompt": prompt, "seed": cfg.seed + k, "color_index": c, "shape_index": s,
+                             "shape_name": SHAPES[s], "run": run_dir.name, **scored})
+                logger.info("%s (seed %d): IoU %.3f", prompt, cfg.seed + k, scored["iou"])
+                # after every asset: a stopped eval (hours on a CPU) still leaves the numbers so far
+                report = {"summary": summarise(rows), "assets": rows, "planned": planned, "judge": cfg.judge,
+                          "judge_metrics": judge.metrics, "timings_s": timer.stages}
+                run.write_json("report.json", report)
+                run.write_text("report.md", markdown(report))
+        sheet = rearrange(torch.stack(strips), "a v c h w -> c (a h) (v w)")  # one row per asset: NeRF over mesh
+        save_image(eval_dir / "turntables.png", to_pil(sheet[None])[0])
+        run.write_metadata(job="eval 3d", timings_s=timer.stages)
+        logger.info("eval 3d: %s", {k: v for k, v in report["summary"].items() if k != "per_shape_iou"})
+        return eval_dir

@@ -141,44 +141,44 @@ def main(cfg: EvalVideoConfig, out: str | Path = "outputs", progress: bool = Tru
     prior = model.prior
     cfg.image_size(prior.default_size, prior.vae_scale_factor)
     cfg = replace(cfg, motion=model.motion)
-    run = RunDir.create(out, "eval", "video")
-    run.write_config(cfg)
-    grid = cfg.grid()
-    prompts = [f"a {COLOR_NAMES[c]} {SHAPES[s]} {MOTIONS[m]}" for c, s, m in grid]
-    with timer("generate"):
-        clips = generate_clips(model, prompts, cfg, cfg.seed, progress)
-    with timer("fps_effect"):
-        fast = [displacement_per_frame(generate_clips(model, ["a red ball moving right"], replace(cfg, fps=r),
-                                                      cfg.seed, False)) for r in (4.0, 12.0)]
-    fps_effect = {"prompt": "a red ball moving right", "fps4_px_per_frame": fast[0], "fps12_px_per_frame": fast[1],
-                  "ratio": fast[0] / max(fast[1], 1e-6)}
-    seams = None
-    if cfg.seam_frames > model.window:  # a long clip that stays in frame: attention runs in overlapping windows
-        with timer("seams"):
-            prompt = "a red ball bouncing"
-            long = generate_clips(model, [prompt], replace(cfg, frames=cfg.seam_frames, samples_per_prompt=2),
-                                  cfg.seed, False)
-            seams = {"prompt": prompt, **seam_report(long, model.window)}
-    with timer("judge"):
-        report = build_report(cfg, grid, clips, judge_frames(judge, clips), ground_truth(cfg, prior.default_size),
-                              fps_effect, seams)
-    report["masked"] = None
-    if model.masked is not None:
-        with timer("masked"):
-            k = cfg.interpolate if cfg.interpolate > 1 else 4
-            report["masked"] = {
-                "masked_motion": model.masked_motion,
-                "interpolation": interpolation_report(model, judge, cfg, cfg.masked_clips, k, cfg.seed, progress),
-                "image_to_video": image_to_video_report(model, judge, cfg, cfg.masked_clips, cfg.seed, progress)}
-    elif cfg.masked_clips > 0:
-        logger.info("no masked-frame model (masked_motion= or the preset's interpolation:): interpolation and "
-                    "image-to-video are not scored")
-    run.write_json("report.json", report)
-    run.write_text("report.md", markdown(report))
-    save_image(run / "strip.png", strip(clips))
-    run.write_metadata(job="eval video", model=prior.model_id, motion=model.motion, device=str(prior.device),
-                       timings_s=timer.stages)
-    logger.info("frame colour %.1f%%, shape %.1f%%, motion %s; report in %s", 100 * report["frame_color_accuracy"],
-                100 * report["frame_shape_accuracy"], report["motion_accuracy"], run.path)
-    return run.path
+    with RunDir.create(out, "eval", "video") as run:  # a run that fails removes its folder
+        run.write_config(cfg)
+        grid = cfg.grid()
+        prompts = [f"a {COLOR_NAMES[c]} {SHAPES[s]} {MOTIONS[m]}" for c, s, m in grid]
+        with timer("generate"):
+            clips = generate_clips(model, prompts, cfg, cfg.seed, progress)
+        with timer("fps_effect"):
+            fast = [displacement_per_frame(generate_clips(model, ["a red ball moving right"], replace(cfg, fps=r),
+                                                          cfg.seed, False)) for r in (4.0, 12.0)]
+        fps_effect = {"prompt": "a red ball moving right", "fps4_px_per_frame": fast[0], "fps12_px_per_frame": fast[1],
+                      "ratio": fast[0] / max(fast[1], 1e-6)}
+        seams = None
+        if cfg.seam_frames > model.window:  # a long clip that stays in frame: attention runs in overlapping windows
+            with timer("seams"):
+                prompt = "a red ball bouncing"
+                long = generate_clips(model, [prompt], replace(cfg, frames=cfg.seam_frames, samples_per_prompt=2),
+                                      cfg.seed, False)
+                seams = {"prompt": prompt, **seam_report(long, model.window)}
+        with timer("judge"):
+            report = build_report(cfg, grid, clips, judge_frames(judge, clips), ground_truth(cfg, prior.default_size),
+                                  fps_effect, seams)
+        report["masked"] = None
+        if model.masked is not None:
+            with timer("masked"):
+                k = cfg.interpolate if cfg.interpolate > 1 else 4
+                report["masked"] = {
+                    "masked_motion": model.masked_motion,
+                    "interpolation": interpolation_report(model, judge, cfg, cfg.masked_clips, k, cfg.seed, progress),
+                    "image_to_video": image_to_video_report(model, judge, cfg, cfg.masked_clips, cfg.seed, progress)}
+        elif cfg.masked_clips > 0:
+            logger.info("no masked-frame model (masked_motion= or the preset's interpolation:): interpolation and "
+                        "image-to-video are not scored")
+        run.write_json("report.json", report)
+        run.write_text("report.md", markdown(report))
+        save_image(run / "strip.png", strip(clips))
+        run.write_metadata(job="eval video", model=prior.model_id, motion=model.motion, device=str(prior.device),
+                           timings_s=timer.stages)
+        logger.info("frame colour %.1f%%, shape %.1f%%, motion %s; report in %s", 100 * report["frame_color_accuracy"],
+                    100 * report["frame_shape_accuracy"], report["motion_accuracy"], run.path)
+        return run.path
 

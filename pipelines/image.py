@@ -36,20 +36,20 @@ def generate(prior: Prior, prompt: str, cfg: ImageConfig, generator: torch.Gener
 def run(prior: Prior, prompt: str, cfg: ImageConfig, seed: int, out: str | Path, model_hash: str,
         setup_s: dict[str, float], progress: bool = True, process: int = 0) -> Path:
     """Generate one prompt's images into a fresh run directory and return it."""
-    run = RunDir.create(out, "image", prompt)
-    run.write_config(cfg, prompt=prompt, seed=seed)
-    timer = Timer()
-    timer.stages.update(setup_s)  # loading and hashing the model, shared by every prompt of the run
-    generator = torch.Generator("cpu").manual_seed(seed)
-    images = generate(prior, prompt, cfg, generator, timer, progress)
-    files = []
-    with timer("save"):
-        for i, image in enumerate(to_pil(images)):
-            files.append(save_image(run / f"image_{i:02d}.png", image).name)
-    run.write_metadata(job="image", prompt=prompt, negative=cfg.negative, seed=seed, model=prior.model_id,
-                       model_hash=model_hash, device=str(prior.device), dtype=str(prior.dtype).removeprefix("torch."),
-                       height=images.shape[-2], width=images.shape[-1], outputs=files, process=process,
-                       timings_s=timer.stages)
+    with RunDir.create(out, "image", prompt) as run:  # a run that fails removes its folder
+        run.write_config(cfg, prompt=prompt, seed=seed)
+        timer = Timer()
+        timer.stages.update(setup_s)  # loading and hashing the model, shared by every prompt of the run
+        generator = torch.Generator("cpu").manual_seed(seed)
+        images = generate(prior, prompt, cfg, generator, timer, progress)
+        files = []
+        with timer("save"):
+            for i, image in enumerate(to_pil(images)):
+                files.append(save_image(run / f"image_{i:02d}.png", image).name)
+        run.write_metadata(job="image", prompt=prompt, negative=cfg.negative, seed=seed, model=prior.model_id,
+                           model_hash=model_hash, device=str(prior.device), dtype=str(prior.dtype).removeprefix("torch."),
+                           height=images.shape[-2], width=images.shape[-1], outputs=files, process=process,
+                           timings_s=timer.stages)
     logger.info("wrote %d image(s) to %s", len(files), run.path)
     return run.path
 
@@ -67,7 +67,7 @@ def main(cfg: ImageConfig, prompts: list[str], out: str | Path, progress: bool =
     timer = Timer()
     with timer("load"):
         prior = Prior.from_options(cfg, device)
-    cfg.image_size(prior.default_size, prior.vae_scale_factor)  # fail on a bad size before writing anything
+    cfg.check_model(prior)  # fail on a bad size or step count before writing anything
     with timer("hash"):
         model_hash = prior.content_hash()
     runs = []

@@ -9,6 +9,14 @@ from .config import option
 from .errors import UserError
 from .schedulers import BETA_SCHEDULES, SAMPLERS
 
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int, name: str = "seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{name} must be between 0 and 2**63 - 1, got {seed}")
+
+
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}  # our names -> torch's
 
@@ -37,6 +45,8 @@ class PriorOptions:
             raise UserError(f"unknown dtype '{self.dtype}': use auto, fp32, fp16 or bf16")
         if self.beta_schedule is not None and self.beta_schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}': choose one of {', '.join(BETA_SCHEDULES)}")
+        if self.cuda_graphs and not self.compile:
+            raise UserError("cuda_graphs=true replays the compiled UNet, so it needs compile=true as well")
 
 
 @dataclass
@@ -58,6 +68,7 @@ class SamplingOptions(PriorOptions):
             raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
+        check_seed(self.seed)
         if not self.guidance >= 0 or self.guidance == float("inf"):
             raise UserError(f"guidance must be a finite number >= 0, got {self.guidance}")
         for name in ("height", "width"):
@@ -66,6 +77,14 @@ class SamplingOptions(PriorOptions):
                 raise UserError(f"{name} must be a positive number of pixels, got {value}")
         if self.decode_chunk < 1:
             raise UserError(f"decode_chunk must be at least 1, got {self.decode_chunk}")
+
+    def check_model(self, prior) -> tuple[int, int]:
+        """What can only be checked against the loaded model, before anything is written: the size (returned)
+        and the number of steps the sampler can lay out on the model's schedule."""
+        from .schedulers import check_steps
+
+        check_steps(self.sampler, prior.noise_config, self.steps)
+        return self.image_size(prior.default_size, prior.vae_scale_factor)
 
     def image_size(self, native: int, factor: int) -> tuple[int, int]:
         """(height, width), defaulting to the model's native size; both must be multiples of the VAE factor."""
@@ -97,7 +116,7 @@ class TrainingOptions:
     checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
     max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
     seed: int = option(0, "seed for the data and every random draw")
-    device: str = option("auto", "auto (cuda > mps > cpu) or cpu; `accelerate launch` sets the GPU per process")
+    device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda or cuda:N; `accelerate launch` sets the GPU per process")
     resume: Optional[str] = option(None, "a train run directory to continue from its last checkpoint")
     save_to: Optional[str] = option(None, "also install the trained folder here (e.g. models/toyworld)")
 
@@ -107,3 +126,4 @@ class TrainingOptions:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
+        check_seed(self.seed)

@@ -8,7 +8,9 @@ by which a run continues with the options it was made with.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -17,10 +19,31 @@ from .config import build, flatten, load_yaml, to_dict, unflatten
 from .errors import UserError
 from .runtime import command_line, slugify, versions, write_json, write_text, write_yaml
 
+logger = logging.getLogger(__name__)
+
 
 class RunDir:
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    """`with RunDir.create(...) as run:` a run this session made that fails (an error, Ctrl-C) removes its folder,
+    unless `run.keep()` says it holds what a resume needs; then it says how to continue."""
+
+    def __init__(self, path: str | Path, fresh: bool = False):
+        self.path, self.fresh = Path(path), fresh
+        self.keep: Callable[[], bool] = lambda: False
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None or not self.fresh:
+            return
+        try:
+            keep = self.keep()
+        except Exception:  # cannot tell (say, a damaged checkpoint): keep the folder rather than lose work
+            keep = True
+        if keep:
+            logger.warning("stopped: %s keeps what a resume needs; continue with --resume %s", self.path, self.path)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -43,7 +66,7 @@ class RunDir:
             path = root / (stem if i == 1 else f"{stem}-{i}")
             try:
                 path.mkdir()
-                return cls(path)
+                return cls(path, fresh=True)
             except FileExistsError:
                 continue
             except OSError as e:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 import zlib
@@ -18,15 +19,17 @@ from tqdm.auto import tqdm
 
 from .config import changed, job_defaults
 from .errors import UserError
+from .loading import check_finite
 from .rundir import RunDir
-from .runtime import atomic_path, write_json
+from .runtime import atomic_path, pick_device, write_json
 
 logger = logging.getLogger(__name__)
 
 
 def step_generator(seed: int, stage: str, step: int, process: int) -> torch.Generator:
     """A generator per (stage, step, process): the data stream is reproducible and resumes exactly."""
-    return torch.Generator().manual_seed(((seed * 7 + zlib.crc32(stage.encode())) * 1_000_003 + step) * 1009 + process)
+    key = ((seed * 7 + zlib.crc32(stage.encode())) * 1_000_003 + step) * 1009 + process
+    return torch.Generator().manual_seed(key % (1 << 64))  # unchanged below 2**64; any valid seed fits
 
 
 def mixed_precision(name: str, device: str) -> str:
@@ -36,13 +39,25 @@ def mixed_precision(name: str, device: str) -> str:
     return "bf16" if device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+def accelerator(device: str, precision: str, **kwargs):
+    """Accelerate's `Accelerator` on `device` (auto, cpu, mps, cuda or cuda:N) with `precision` autocast.
+    Accelerate moves what it prepares to its own device, where a bare "cuda" is torch's current GPU, so a named
+    cuda:N is made current first; under `accelerate launch` (LOCAL_RANK set) the launcher picks each GPU."""
+    from accelerate import Accelerator
+
+    chosen = pick_device(device)
+    if chosen.type == "cuda" and chosen.index is not None and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(chosen)
+    return Accelerator(mixed_precision=mixed_precision(precision, chosen.type), cpu=chosen.type == "cpu", **kwargs)
+
+
 def open_run(cfg, out: str | Path, name: str) -> tuple[RunDir, object]:
     """A new run folder OUT/train/<time>-<name>, or the one `cfg.resume` names with its saved options plus
     those this command changed (`resume=RUN unet_steps=50000` trains on to 50k steps); the architecture
     (`arch.`, `layers.`) cannot change."""
     if cfg.resume is None:
-        run = RunDir.create(out, "train", name)
-        run.write_config(cfg)
+        with RunDir.create(out, "train", name) as run:  # a failed write removes the folder
+            run.write_config(cfg)
         return run, cfg
     run = RunDir.existing(cfg.resume, "train")
     resumed = run.resumed(type(cfg), changed(cfg, job_defaults(type(cfg))), free=lambda key: not key.startswith(("arch.", "layers.")))
@@ -203,6 +218,7 @@ def load_checkpoint(accel, folder: Path, model, opt, ema) -> dict:
     try:
         progress = json.loads((folder / "progress.json").read_text())
         state = load_file(folder / "model.safetensors")
+        check_finite(state, folder / "model.safetensors")
         module = accel.unwrap_model(model)
         result = module.load_state_dict(state, strict=False)
         trained = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -210,7 +226,9 @@ def load_checkpoint(accel, folder: Path, model, opt, ema) -> dict:
             raise ValueError(f"its model does not fit this run: {(result.unexpected_keys or sorted(trained - set(state)))[0]}")
         opt.load_state_dict(_join(load_file(folder / "optimizer.safetensors"), _read(folder / "optimizer.json")))
         if ema is not None:
-            ema.load_state_dict(_join(load_file(folder / "ema.safetensors"), _read(folder / "ema.json")))
+            ema_state = load_file(folder / "ema.safetensors")
+            check_finite(ema_state, folder / "ema.safetensors")
+            ema.load_state_dict(_join(ema_state, _read(folder / "ema.json")))
             ema.to(accel.device)
         if accel.scaler is not None and (folder / "scaler.json").is_file():
             accel.scaler.load_state_dict(_read(folder / "scaler.json"))
@@ -274,7 +292,15 @@ def _set_rng_state(state: dict) -> None:
 
 def _progress(run_dir: Path, stage: str) -> dict:
     f = checkpoint_folder(run_dir, stage) / "progress.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        progress = json.loads(f.read_text())
+        if isinstance(progress, dict) and isinstance(progress.get("step", 0), int):
+            return progress
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise UserError(f"{f} is corrupt: this checkpoint cannot be resumed; start a new run")
 
 
 def checkpoint_step(run_dir: Path, stage: str) -> int:

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 import pipelines.training
 import run
-from tests.test_dreamfusion_fit import TINY as TINY_3D
 
 TINY_TEMPORAL = ["frames=3", "bank_size=6", "batch_size=2", "steps=4", "checkpoint_every=2", "warmup_steps=1",
                  "device=cpu", "--quiet"]
@@ -44,14 +43,10 @@ def only_run(out: Path, job: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fits(tiny_sd, tmp_path_factory):
+def fits(tiny_3d_runs):
     """A straight tiny 3d fit's asset, and a fit of the same stopped by Ctrl-C at step 3 (a template to copy)."""
-    out = tmp_path_factory.mktemp("fits")
-    fit = lambda where: run.main(["3d", "a red cube", f"model={tiny_sd}", *TINY_3D, "--out", str(out / where)])  # noqa: E731
-    assert fit("straight") == 0
-    with interrupted_at(3, "3d"):
-        assert fit("stopped") == 130
-    return load_file(only_run(out / "straight", "3d") / "asset.safetensors"), only_run(out / "stopped", "3d")
+    finished, stopped = tiny_3d_runs
+    return load_file(finished / "asset.safetensors"), stopped
 
 
 @pytest.fixture(scope="module")

@@ -65,28 +65,6 @@ def test_prompts_file_one_run_per_prompt(tiny_sd, tmp_path):
     assert [(m["prompt"], m["seed"]) for m in metas] == [("a red cube", 0), ("a blue ball", 1)]
 
 
-def test_unknown_key_names_nearest(capsys, tmp_path):
-    assert run_cli("image", "a red cube", "stesp=3", "--out", tmp_path) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "stesp" in err and "'steps'" in err
-    assert not (tmp_path / "image").exists()
-
-
-def make_corrupt(tiny_sd, tmp_path):
-    bad = tmp_path / "corrupt"
-    shutil.copytree(tiny_sd, bad)
-    f = bad / "unet" / "diffusion_pytorch_model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    return bad
-
-
-def make_missing(tiny_sd, tmp_path):
-    bad = tmp_path / "missing"
-    shutil.copytree(tiny_sd, bad)
-    shutil.rmtree(bad / "vae")
-    return bad
-
-
 def make_pickled(tiny_sd, tmp_path):
     """The same model with the UNet saved as a pickle (.bin) instead of safetensors."""
     import torch
@@ -100,40 +78,14 @@ def make_pickled(tiny_sd, tmp_path):
     return bad
 
 
-BAD_INPUTS = {
-    "empty prompt": (lambda m, t: ["   ", f"model={m}"], "prompt is empty"),
-    "height not multiple": (lambda m, t: ["a cube", f"model={m}", "height=15"], "multiple of the VAE factor"),
-    "steps < 1": (lambda m, t: ["a cube", f"model={m}", "steps=0"], "steps must be at least 1"),
-    "guidance < 0": (lambda m, t: ["a cube", f"model={m}", "guidance=-1"], "guidance must be"),
-    "guidance not a number": (lambda m, t: ["a cube", f"model={m}", "guidance=lots"], "must be a number"),
-    "num_images < 1": (lambda m, t: ["a cube", f"model={m}", "num_images=0"], "num_images must be at least 1"),
-    "unknown preset": (lambda m, t: ["a cube", "model=sd99"], "unknown model 'sd99'"),
-    "path does not exist": (lambda m, t: ["a cube", f"model={t / 'nope'}/"], "no such path"),
-    "missing component": (lambda m, t: ["a cube", f"model={make_missing(m, t)}"], "missing the 'vae' component"),
-    "corrupt safetensors": (lambda m, t: ["a cube", f"model={make_corrupt(m, t)}"], "truncated or corrupt"),
-    "pickle refused": (lambda m, t: ["a cube", f"model={make_pickled(m, t)}"], "allow_pickle=true"),
-    "unknown key": (lambda m, t: ["a cube", f"model={m}", "guidence=3"], "did you mean 'guidance'"),
-    "unknown sampler": (lambda m, t: ["a cube", f"model={m}", "sampler=heun9"], "unknown sampler"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_exit_2_nothing_written(case, tiny_sd, tmp_path, capsys):
-    make_args, message = BAD_INPUTS[case]
-    args = make_args(tiny_sd, tmp_path)
-    out = tmp_path / "out"
-    assert run_cli("image", "steps=1", *args, "--out", out, "--quiet") == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
-    assert run_dirs(out) == []
-
-
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; permissions cannot be tested")
 def test_unwritable_output_dir_nonroot(tiny_sd, tmp_path, capsys):
     out = tmp_path / "ro"
     out.mkdir(mode=0o500)
     assert run_cli("image", "a cube", f"model={tiny_sd}", "steps=1", "--out", out, "--quiet") == 2
-    assert "not writable" in capsys.readouterr().err or "cannot create" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()  # read once: a second read returns nothing
+    assert ("not writable" in err or "cannot create" in err) and "\n" not in err, err
+    assert list(out.iterdir()) == []
 
 
 def test_unwritable_output_dir(tiny_sd, tmp_path, capsys):

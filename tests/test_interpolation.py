@@ -62,23 +62,6 @@ def test_image_to_video(tiny_sd, masked_model, tmp_path, caplog):
     assert np.abs(frame0 - expected).max() <= 1.0  # uint8 rounding only
 
 
-@pytest.mark.parametrize("args, message", [
-    (["interpolate=0"], "interpolate must be at least 1"),
-    (["interpolate_strength=0"], "interpolate_strength must be in (0, 1]"),
-    (["interpolate=2"], "need a masked-frame model"),
-    (["image=/no/such.png"], "does not exist"),
-    (["image=NOTANIMAGE", "masked_motion=MASKED"], "cannot be read as an image"),
-])
-def test_masked_bad_input(tiny_sd, masked_model, tmp_path, capsys, args, message):
-    (tmp_path / "bad.png").write_text("not an image")
-    args = [a.replace("NOTANIMAGE", str(tmp_path / "bad.png")).replace("MASKED", str(masked_model)) for a in args]
-    assert run.main(["video", "a cube", f"model={tiny_sd}", "steps=1", "frames=2", *args, "--out", str(tmp_path / "o"),
-                     "--quiet"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and "\n" not in err
-    assert not (tmp_path / "o" / "video").exists() or not list((tmp_path / "o" / "video").iterdir())
-
-
 def test_in_between_frames_are_conditioned_at_k_times_fps(tiny_sd, masked_model, tmp_path, monkeypatch):
     """The clip samples at fps; the frames filled in between sit 1 / (k fps) apart, and are sampled so."""
     import video.pipeline as vp

@@ -22,7 +22,7 @@ from pipelines.config import to_dict
 from pipelines.geometry import VIEWS
 from pipelines.prior import NoiseSchedule, tokenize
 from pipelines.runtime import command_line, install_dir, versions, write_json
-from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
+from pipelines.training import (Stage, accelerator, checkpoint_step, open_run, plot_losses, run_stage,
                                 step_generator)
 
 from .config import TrainPriorConfig
@@ -117,17 +117,21 @@ class DenoiserObjective(torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------ driver
 def main(cfg: TrainPriorConfig, out: str | Path = "outputs", progress: bool = True) -> Path:
-    from accelerate import Accelerator
+    run, cfg = open_run(cfg, out, "prior")
+    run.keep = lambda: any(checkpoint_step(run.path, s) > 0 for s in ("vae", "unet"))  # only a resumable folder
+    with run:
+        return _train(cfg, run, progress)
+
+
+def _train(cfg: TrainPriorConfig, run, progress: bool) -> Path:
     from diffusers.training_utils import EMAModel
 
-    run, cfg = open_run(cfg, out, "prior")
     run_dir = run.path
     started, wall = time.monotonic(), {}
     earlier = run.metadata().get("sessions", []) if cfg.resume else []
     log: list = json.loads((run_dir / "losses.json").read_text()) if (run_dir / "losses.json").is_file() else []
     budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
-    accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device), gradient_accumulation_steps=cfg.grad_accum,
-                        cpu=cfg.device == "cpu")
+    accel = accelerator(cfg.device, cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
     device, rank = accel.device, accel.process_index
     torch.manual_seed(cfg.seed)
     comps = build_components(cfg.arch) if cfg.init is None else init_components(cfg.init)

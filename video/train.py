@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,7 +21,7 @@ from pipelines.config import to_dict
 from pipelines.errors import UserError
 from pipelines.prior import Prior
 from pipelines.runtime import install_dir, write_json
-from pipelines.training import (Stage, checkpoint_step, mixed_precision, open_run, plot_losses, run_stage,
+from pipelines.training import (Stage, accelerator, checkpoint_step, open_run, plot_losses, run_stage,
                                 step_generator)
 
 from .config import TrainTemporalConfig
@@ -93,31 +92,30 @@ class TemporalObjective(torch.nn.Module):
 def main(cfg: TrainTemporalConfig, out: str | Path = "outputs", progress: bool = True, *,
          clip_source: Callable[[str], ClipSource]) -> Path:
     """Train, or with `cfg.resume` train on; `clip_source(data)` gives the clips the run's `data=` names."""
-    from accelerate import Accelerator
-    from diffusers.training_utils import EMAModel
-
     name = cfg.stage
     run_dir, cfg = open_run(cfg, out, name)
-    try:  # a bad option found while loading leaves no run directory behind
-        started = time.monotonic()
-        accel = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision, cfg.device),
-                            gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.device == "cpu")
-        device, rank, show = accel.device, accel.process_index, progress and accel.is_main_process
-        prior = Prior.from_pretrained(cfg.model, device, torch.float32)  # frozen; autocast handles precision
-        if cfg.noise_start_timesteps[0] >= prior.num_train_timesteps:
-            raise UserError(f"noise_start_timesteps={list(cfg.noise_start_timesteps)}: the model has "
-                            f"{prior.num_train_timesteps} training timesteps")
+    run_dir.keep = lambda: checkpoint_step(run_dir.path, name) > 0  # a failed new run keeps only a resumable folder
+    with run_dir:
+        return _train(cfg, run_dir, name, progress, clip_source)
 
-        # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
-        clips = clip_source(cfg.data)  # the resumed run's data, not this command's default
-        videos, captions, fps = clips(cfg.bank_size, cfg.frames, prior.default_size, cfg.fps_choices, cfg.seed, show)
-        latents = encode_clips(prior, videos)
-        ids = prior.tokenize(captions if cfg.captions else [""] * len(captions))
-        empty = prior.tokenize([""])
-    except UserError:
-        if cfg.resume is None:
-            shutil.rmtree(run_dir.path, ignore_errors=True)
-        raise
+
+def _train(cfg: TrainTemporalConfig, run_dir, name: str, progress: bool, clip_source) -> Path:
+    from diffusers.training_utils import EMAModel
+
+    started = time.monotonic()
+    accel = accelerator(cfg.device, cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
+    device, rank, show = accel.device, accel.process_index, progress and accel.is_main_process
+    prior = Prior.from_pretrained(cfg.model, device, torch.float32)  # frozen; autocast handles precision
+    if cfg.noise_start_timesteps[0] >= prior.num_train_timesteps:
+        raise UserError(f"noise_start_timesteps={list(cfg.noise_start_timesteps)}: the model has "
+                        f"{prior.num_train_timesteps} training timesteps")
+
+    # 1. clips -> latents, captions -> token ids (once, so a step does no decoding or string work)
+    clips = clip_source(cfg.data)  # the resumed run's data, not this command's default
+    videos, captions, fps = clips(cfg.bank_size, cfg.frames, prior.default_size, cfg.fps_choices, cfg.seed, show)
+    latents = encode_clips(prior, videos)
+    ids = prior.tokenize(captions if cfg.captions else [""] * len(captions))
+    empty = prior.tokenize([""])
 
     # 2. the video UNet: identity-initialised temporal layers (or the checkpoint's), spatial frozen
     torch.manual_seed(cfg.seed)

@@ -34,6 +34,16 @@ GRID_BYTES_PER_VOXEL = 8
 # adjacency and component labels while cleaning it (~400 bytes a vertex). Deliberately generous.
 MESH_BYTES_PER_SLICE = 4096
 NEAR = 1e-3  # triangles with a vertex closer than this to the camera plane are not drawn
+# glTF 2.0 is +Y up, right-handed, and "the front of an asset faces +Z" (the spec's coordinate-system section,
+# which is where viewers put their default camera). Our world (pipelines.geometry) is +Z up with the front on
+# +X, so mesh.glb gets the rotation world +Z -> glTF +Y, world +X -> glTF +Z and hence world +Y -> glTF +X:
+# (x, y, z) -> (y, z, x), a cyclic permutation (determinant +1, so no mirroring and faces keep their winding).
+# It is baked into the vertices (the node has no transform), so every reader, with or without scene graphs,
+# gets the same upright mesh. OBJ and PLY have no axis convention of their own and stay in the world frame.
+WORLD_TO_GLTF = np.array([[0.0, 1.0, 0.0, 0.0],
+                          [0.0, 0.0, 1.0, 0.0],
+                          [1.0, 0.0, 0.0, 0.0],
+                          [0.0, 0.0, 0.0, 1.0]])
 
 
 # ---------------------------------------------------------------- density grid and memory
@@ -218,6 +228,8 @@ def write_meshes(mesh: trimesh.Trimesh, folder: str | Path, formats=MESH_FORMATS
     Vertex colours travel in all three: PLY and GLB store them natively (GLB as COLOR_0), and
     trimesh writes OBJ vertex colours as the common `v x y z r g b` extension, which trimesh,
     MeshLab and Blender read back. A mesh with a texture would also get `mesh.mtl` (+ image).
+    Axes: OBJ and PLY are in the world frame (+Z up, front on +X); GLB is in glTF's own (+Y up, front
+    on +Z), rotated by `WORLD_TO_GLTF`, so glTF viewers show the asset upright and facing them.
     """
     formats = tuple(formats)
     unknown = [f for f in formats if f not in MESH_FORMATS]
@@ -229,6 +241,11 @@ def write_meshes(mesh: trimesh.Trimesh, folder: str | Path, formats=MESH_FORMATS
         paths[fmt] = folder / f"mesh.{fmt}"
         if fmt == "obj":
             _write_obj(mesh, paths[fmt])
+        elif fmt == "glb":
+            gltf = mesh.copy()  # vertex colours come along; the caller's mesh stays in the world frame
+            gltf.apply_transform(WORLD_TO_GLTF)
+            with atomic_path(paths[fmt]) as tmp:
+                gltf.export(tmp, file_type=fmt)
         else:
             with atomic_path(paths[fmt]) as tmp:
                 mesh.export(tmp, file_type=fmt)

@@ -9,6 +9,7 @@ shading function) and never imports a field class. docs/3d.md has the design not
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -19,6 +20,8 @@ from pipelines.errors import UserError
 from pipelines.geometry import ray_aabb
 
 from .config import RenderConfig
+
+logger = logging.getLogger(__name__)
 
 OUTPUTS = {"rgb": 3, "opacity": 1, "depth": 1, "normal": 3, "orientation": 0}  # channels (0: per-ray scalar)
 
@@ -228,12 +231,36 @@ class NerfaccRenderer(_Renderer):
         return out
 
 
+def nerfacc_problem(device: torch.device) -> str | None:
+    """Why nerfacc cannot render on `device`, or None when it can. nerfacc JIT-builds its CUDA kernels on first
+    use, which needs a matching CUDA toolkit and ninja; one tiny grid update and `sampling` call builds (or loads)
+    them now, so a missing toolchain shows at start-up and not as a traceback mid-fit."""
+    try:
+        import nerfacc
+
+        roi = torch.tensor([-1.0] * 3 + [1.0] * 3)
+        estimator = nerfacc.OccGridEstimator(roi_aabb=roi, resolution=4, levels=1).to(device)
+        estimator._update(step=0, occ_eval_fn=lambda x: torch.ones_like(x[:, :1]), occ_thre=0.0)
+        origins, dirs = torch.zeros(1, 3, device=device), torch.tensor([[1.0, 0.0, 0.0]], device=device)
+        estimator.sampling(origins, dirs, sigma_fn=lambda ts, te, ri: torch.ones_like(ts), t_min=origins[:, 0],
+                           t_max=origins[:, 0] + 1, render_step_size=0.5, alpha_thre=0.0, stratified=False)
+    except Exception as e:  # ImportError, a failed JIT build (RuntimeError, OSError, CalledProcessError), ...
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return None
+
+
 def make_renderer(device: torch.device | str, cfg: RenderConfig, bound: float) -> BatchedRenderer | NerfaccRenderer:
-    """nerfacc on CUDA, the batched renderer elsewhere (or as `cfg.renderer` forces)."""
+    """nerfacc on CUDA, the batched renderer elsewhere (or as `cfg.renderer` forces). nerfacc is probed
+    first (`nerfacc_problem`); if it cannot run, the batched renderer takes over with a one-line warning."""
     device = torch.device(device)
     kind = cfg.renderer if cfg.renderer != "auto" else ("nerfacc" if device.type == "cuda" else "batched")
     if kind == "batched":
         return BatchedRenderer(cfg, bound)
     if device.type != "cuda":
         raise UserError(f"renderer=nerfacc needs a CUDA device, got {device}; use renderer=batched")
+    problem = nerfacc_problem(device)
+    if problem is not None:
+        logger.warning("nerfacc cannot run here (%s); using the batched renderer instead", problem)
+        return BatchedRenderer(cfg, bound)
     return NerfaccRenderer(cfg, bound, device)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import trimesh
 
-from dreamfusion.export import (auto_iso_level, check_resolution, density_grid, estimate_grid_bytes, extract_mesh,
-                                max_density_along_rays, render_mesh, write_meshes)
+from dreamfusion.export import (WORLD_TO_GLTF, auto_iso_level, check_resolution, density_grid, estimate_grid_bytes,
+                                extract_mesh, max_density_along_rays, render_mesh, write_meshes)
 from pipelines.errors import UserError
 from pipelines.geometry import AMBIENT, DIFFUSE, camera_frame, camera_rays
 from pipelines.media import write_mp4
@@ -117,12 +117,70 @@ def test_written_files_round_trip_with_colours(tmp_path):
     for fmt, path in paths.items():
         loaded = trimesh.load(path, force="mesh")
         assert (len(loaded.vertices), len(loaded.faces)) == (len(mesh.vertices), len(mesh.faces)), fmt
-        np.testing.assert_allclose(loaded.vertices, mesh.vertices, atol=1e-6, err_msg=fmt)
+        expected = mesh.vertices[:, [1, 2, 0]] if fmt == "glb" else mesh.vertices  # glTF's axes: see the next test
+        np.testing.assert_allclose(loaded.vertices, expected, atol=1e-6, err_msg=fmt)
         assert loaded.visual.kind == "vertex", fmt
         assert np.abs(loaded.visual.vertex_colors.astype(int) - mesh.visual.vertex_colors).max() <= 1, fmt
     with pytest.raises(UserError, match="unknown mesh format"):
         write_meshes(mesh, tmp_path / "other", formats=("obj", "stl"))
     assert not (tmp_path / "other").exists()
+
+
+class Box:
+    """A solid box lo < x < hi (smooth edges, density PEAK / 2 on its faces), coloured by position as Blobs."""
+
+    bound = 1.0
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = torch.tensor(lo), torch.tensor(hi)
+
+    def query_density(self, x):
+        inside = torch.minimum(x - self.lo, self.hi - x).amin(-1)  # > 0 inside, distance to the nearest face
+        return PEAK * torch.sigmoid(SHARPNESS * 4 * inside)
+
+    def __call__(self, x):
+        return self.query_density(x), (x * 0.5 + 0.5).clamp(0, 1)
+
+
+def glb_json(path):
+    """The JSON chunk of a binary glTF file (what a viewer reads before the buffers)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    assert data[:4] == b"glTF" and data[16:20] == b"JSON"
+    return json.loads(data[20:20 + struct.unpack("<I", data[12:16])[0]])
+
+
+def test_glb_is_y_up_with_the_front_on_z_and_obj_ply_keep_the_world_frame(tmp_path):
+    """glTF is +Y up and an asset's front faces +Z: a box tall along world +Z, deepest towards its front (world +X)
+    and offset along world Y must come out of mesh.glb tallest along Y, deepest towards +Z, offset along X (a
+    rotation: (x, y, z) -> (y, z, x)), its colours still on the same points; OBJ and PLY keep +Z up."""
+    lo, hi = (-0.2, -0.3, -0.8), (0.5, 0.2, 0.9)  # world: x (front) -0.2..0.5, y -0.3..0.2, z (up) -0.8..0.9
+    box = Box(lo, hi)
+    mesh = extract_mesh(density_grid(box, 40, box.bound), box.bound, PEAK / 2, albedo_fn=lambda x: box(x)[1])
+    np.testing.assert_allclose(mesh.bounds, [lo, hi], atol=0.03)
+    paths = write_meshes(mesh, tmp_path)
+    gltf = trimesh.load(paths["glb"], force="mesh")  # node transforms applied, as a viewer would
+    np.testing.assert_allclose(gltf.bounds, [[-0.3, -0.8, -0.2], [0.2, 0.9, 0.5]], atol=0.03)
+    assert np.argmax(gltf.extents) == 1  # tallest along glTF's up, +Y
+    front = gltf.vertices[:, 2] > 0.45  # the front face (world x = 0.5) faces the viewer, on +Z
+    assert front.sum() > 10 and np.abs(gltf.vertices[front, 2] - 0.5).max() < 0.03
+    assert gltf.volume > 0  # a rotation, not a mirror: faces still wind outwards
+    # The colours travel with their points: albedo = world position * 0.5 + 0.5, world = (z, x, y) of glTF's.
+    world = gltf.vertices[:, [2, 0, 1]]
+    assert gltf.visual.kind == "vertex"
+    assert np.abs(gltf.visual.vertex_colors[:, :3].astype(int) - np.round((world * 0.5 + 0.5) * 255)).max() <= 1
+    # What a viewer reads: positions already upright (POSITION min / max), no node transform to undo them.
+    doc = glb_json(paths["glb"])
+    assert all(set(node) <= {"name", "mesh", "children"} for node in doc["nodes"])
+    position = doc["accessors"][doc["meshes"][0]["primitives"][0]["attributes"]["POSITION"]]
+    np.testing.assert_allclose([position["min"], position["max"]], gltf.bounds, atol=1e-6)
+    assert "COLOR_0" in doc["meshes"][0]["primitives"][0]["attributes"]
+    for fmt in ("obj", "ply"):  # the world frame, +Z up, as the rest of the project
+        np.testing.assert_allclose(trimesh.load(paths[fmt], force="mesh").bounds, mesh.bounds, atol=1e-6, err_msg=fmt)
+    np.testing.assert_allclose(WORLD_TO_GLTF[:3, :3] @ [0, 0, 1], [0, 1, 0])  # up -> up
+    assert np.linalg.det(WORLD_TO_GLTF[:3, :3]) == pytest.approx(1.0)
 
 
 def test_auto_iso_level_recovers_a_known_level():

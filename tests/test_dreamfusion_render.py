@@ -13,7 +13,7 @@ from torch import nn
 from dreamfusion.cameras import camera_rays, orbit_cameras, sample_cameras, view_names, view_prompts
 from dreamfusion.config import CameraConfig, FieldConfig, RenderConfig, ShadingConfig
 from dreamfusion.field import Background, NeRFField
-from dreamfusion.renderer import BatchedRenderer, NerfaccRenderer, make_renderer
+from dreamfusion.renderer import BatchedRenderer, NerfaccRenderer, make_renderer, nerfacc_problem
 from dreamfusion.shading import eval_shading, sample_shading, shade
 from pipelines.config import build, model_defaults
 from pipelines.errors import UserError
@@ -107,6 +107,34 @@ def test_chunks_give_the_same_image_and_global_ray_indices():
         torch.testing.assert_close(chunked[key], whole[key])
     op = whole["opacity"]
     torch.testing.assert_close(whole["rgb"], op * torch.arange(n)[:, None] / n + (1 - op) * BG, atol=1e-5, rtol=0)
+
+
+class TiltedBox(BoxField):
+    """BoxField whose normals are one fixed unit vector everywhere."""
+
+    def __init__(self, sigma, normal):
+        super().__init__(sigma)
+        self.normal = F.normalize(torch.tensor(normal), dim=0)
+
+    def normals(self, x, create_graph=False):
+        return self.normal.expand_as(x)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_orientation_penalty_is_zero_for_normals_facing_the_camera_and_weighted_for_those_facing_away(train):
+    """DreamFusion's orientation loss, sum_i w_i max(0, n_i . d)^2 with d the ray direction (into the scene):
+    normals towards the camera cost nothing; normals facing away cost (n . d)^2 times the ray's opacity."""
+    origins, dirs = torch.tensor([[0.1, -0.2, 4.0], [0.3, 0.0, 4.0]]), torch.tensor([[0.0, 0, -1], [0.0, 0, -1]])
+    renderer = BatchedRenderer(RenderConfig(samples_per_ray=32), BOUND)
+    for normal, cost in [((0.0, 0.0, 1.0), 0.0), ((1.0, 0.0, 1.0), 0.0), ((0.0, 0.0, -1.0), 1.0), ((1.0, 0.0, -1.0), 0.5),
+                         ((1.0, 0.0, 0.0), 0.0)]:
+        out = renderer.render_rays(origins, dirs, TiltedBox(0.4, normal), fixed_bg, albedo_only, train=train,
+                                   generator=torch.Generator().manual_seed(0), need_normals=True)
+        assert (out["opacity"] > 0.5).all()
+        torch.testing.assert_close(out["orientation"], cost * out["opacity"][:, 0].detach(), atol=1e-5, rtol=0,
+                                   msg=str(normal))
+        torch.testing.assert_close(out["normal"], out["opacity"] * F.normalize(torch.tensor(normal), dim=0), atol=1e-5,
+                                   rtol=0)
 
 
 def test_ray_aabb_starts_inside_rays_at_zero():
@@ -359,6 +387,35 @@ def _fake_nerfacc(samples_per_ray: int) -> types.ModuleType:
 
     fake.OccGridEstimator, fake.rendering, fake.accumulate_along_rays = OccGridEstimator, rendering, accumulate_along_rays
     return fake
+
+
+def _broken(fake: types.ModuleType, method: str) -> types.ModuleType:
+    """`fake` whose estimator's `method` fails as nerfacc's first call into its kernels does without ninja."""
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\n(and more lines of build log)")
+
+    setattr(fake.OccGridEstimator, method, fail)
+    return fake
+
+
+def test_nerfacc_probe_runs_its_kernels_once_and_reports_a_failed_build(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nerfacc", _fake_nerfacc(4))
+    assert nerfacc_problem(torch.device("cpu")) is None  # grid update and sampling ran
+    monkeypatch.setitem(sys.modules, "nerfacc", _broken(_fake_nerfacc(4), "sampling"))  # the JIT build is here
+    assert nerfacc_problem(torch.device("cpu")) == "RuntimeError: Ninja is required to load C++ extensions"
+    monkeypatch.setitem(sys.modules, "nerfacc", None)  # not installed
+    assert nerfacc_problem(torch.device("cpu")).startswith("ModuleNotFoundError")
+
+
+def test_make_renderer_falls_back_to_batched_with_one_warning_when_nerfacc_cannot_run(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "nerfacc", _broken(_fake_nerfacc(4), "_update"))
+    for renderer in ("auto", "nerfacc"):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert isinstance(make_renderer("cuda", RenderConfig(renderer=renderer), BOUND), BatchedRenderer)
+        [record] = caplog.records
+        message = record.getMessage()
+        assert "\n" not in message and "Ninja is required" in message and "batched renderer" in message, message
 
 
 def test_nerfacc_renderer_wiring_matches_batched_with_a_stand_in_nerfacc(monkeypatch):

@@ -33,20 +33,22 @@ def test_toyworld_image_on_cuda_bf16_matches_cpu_fp32():
 @pytest.mark.gpu
 @requires_cuda
 def test_3d_fit_on_cuda_with_nerfacc_and_a_tiny_sd_prior(tiny_sd, tmp_path):
-    """A few SDS steps through nerfacc's occupancy grid, bf16 autocast, then the export."""
+    """A few SDS steps through nerfacc's occupancy grid, bf16 autocast, then the export, on the last GPU named
+    by index (cuda:N): Accelerate must not move the asset to cuda:0 while the prior stays on cuda:N."""
     import json
 
     pytest.importorskip("av", reason="the turntable export needs PyAV (bench/gpu_check.sh carries no av: 36 MB)")
 
     import run
 
-    assert run.main(["3d", "a red cube", f"model={tiny_sd}", "steps=6", "render.resolution=32", "batch_size=2",
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    assert run.main(["3d", "a red cube", f"model={tiny_sd}", f"device={device}", "steps=6", "render.resolution=32", "batch_size=2",
                      "guidance.encode_size=16", "export.mesh_resolution=32", "export.turntable_frames=2",
                      "export.turntable_size=32", "render.grid_update_every=2", "val_every=0",
                      "--out", str(tmp_path), "--quiet"]) == 0
     [d] = list((tmp_path / "3d").iterdir())
     meta = json.loads((d / "metadata.json").read_text())
-    assert meta["device"].startswith("cuda") and meta["steps"] == 6 and (d / "mesh.glb").is_file()
+    assert meta["device"] == device and meta["steps"] == 6 and (d / "mesh.glb").is_file()
 
 
 @pytest.mark.gpu

@@ -1,6 +1,7 @@
 """`run.py 3d` and `run.py export` on a tiny random SD-layout prior: files, exact resume, Ctrl-C, NaN, bad input."""
 
 import json
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,9 +89,8 @@ def test_resume_continues_exactly(tiny_sd, tmp_path, recipe):
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
 
 
-def test_export_reexports_with_other_settings(tiny_sd, tmp_path, capsys):
-    assert fit(tiny_sd, tmp_path) == 0
-    d = only_run(tmp_path)
+def test_export_reexports_with_other_settings(tiny_3d_runs, tmp_path, capsys):
+    d = Path(shutil.copytree(tiny_3d_runs[0], tmp_path / "run"))  # a finished fit with TINY's settings
     assert run.main(["export", str(d), "mesh_resolution=20", "formats=[ply]", "turntable_frames=2", "--quiet"]) == 0
     [e] = [p for p in d.iterdir() if p.name.startswith("export-")]
     assert sorted(p.name for p in e.iterdir()) == ["config.yaml", "mesh.json", "mesh.ply", "mesh_turntable.mp4", "turntable.mp4"]

@@ -151,12 +151,18 @@ def crash_states():
 
 @pytest.mark.parametrize("state", list(crash_states()))
 def test_a_kill_during_a_checkpoint_write_resumes_exactly(state, fits, tmp_path):
+    """...and what the resume writes is readable like any output: weights and checkpoints get the umask's mode
+    (0644 under umask 022), not safetensors' and mkstemp's 0600."""
     straight, stopped = fits
     d = copy_of(stopped, tmp_path)
     crash_states()[state](d / "checkpoints" / "3d")
     assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
     assert_same(straight, load_file(d / "asset.safetensors"))
     assert sorted(p.name for p in (d / "checkpoints").iterdir()) == ["3d"]  # the next save cleaned up
+    umask = os.umask(0)
+    os.umask(umask)
+    files = [d / "asset.safetensors", d / "mesh.glb", *(d / "checkpoints" / "3d").iterdir()]
+    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}
 
 
 def test_a_corrupt_checkpoint_is_refused_with_one_line(fits, tmp_path, capsys):
@@ -167,13 +173,3 @@ def test_a_corrupt_checkpoint_is_refused_with_one_line(fits, tmp_path, capsys):
     assert run.main(["3d", "--resume", str(d), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot resume from") and "\n" not in err
-
-
-def test_outputs_are_readable_like_any_file(fits, tmp_path):
-    """Weights and checkpoints get the umask's mode (0644 under umask 022), not safetensors' 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    d = copy_of(fits[1], tmp_path)
-    assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
-    files = [d / "asset.safetensors", d / "mesh.glb", *(d / "checkpoints" / "3d").iterdir()]
-    assert {oct(f.stat().st_mode & 0o777) for f in files} == {oct(0o666 & ~umask)}

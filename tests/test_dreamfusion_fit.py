@@ -87,6 +87,11 @@ def test_resume_continues_exactly(tiny_sd, tmp_path, recipe):
     assert straight.keys() == resumed.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], atol=1e-6, rtol=1e-5)
+    # losses.json holds the whole history: step 0's entry (the loss is logged every 50 steps) was logged
+    # before the stop, by the stopped session, and comes back from its checkpoint
+    losses = [json.loads((p / "losses.json").read_text()) for p in (only_run(tmp_path / "straight"), d)]
+    assert [r["step"] for r in losses[1]] == [r["step"] for r in losses[0]] == [0]
+    assert [r["loss"] for r in losses[1]] == pytest.approx([r["loss"] for r in losses[0]], rel=1e-4)
 
 
 def test_export_reexports_with_other_settings(tiny_3d_runs, tmp_path, capsys):

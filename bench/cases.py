@@ -14,7 +14,10 @@ from __future__ import annotations
 import atexit
 import copy
 import functools
+import json
 import shutil
+import statistics
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ from pipelines.prior import Prior
 from video.config import VideoConfig
 from video.pipeline import VideoModel, load_motion, run as run_video
 
+REPO = Path(__file__).resolve().parent.parent
 IMAGE_PROMPT = "a red cube"
 VIDEO_PROMPT = "a red ball moving right"
 
@@ -44,6 +48,7 @@ class Setting:
     resolution: Optional[int] = None  # pixels; None: the model's native size
     compile: bool = False  # ours with torch.compile too (its compile time shows in the warm-up)
     cuda_graphs: bool = False  # with compile on CUDA: reduce-overhead mode (CUDA graphs)
+    baseline: Optional[str] = None  # a git ref: the 3d-asset case's peer is this repository at that commit
 
 
 SETTINGS = {"small": Setting(), "full": Setting(resolution=512)}
@@ -55,6 +60,7 @@ class Case:
     ours: Callable[[], object]
     peer: Optional[Callable[[], object]]
     meta: dict = field(default_factory=dict)  # shapes, steps, dtype, model, peer pipeline, target
+    warmup: bool = True  # False: every run is timed (a fresh process each run has nothing to warm)
 
 
 def generator(seed: int) -> torch.Generator:
@@ -296,26 +302,62 @@ def sds_case(size: str, device: str, model: Optional[str] = None, s: Optional[Se
         includes="field render + VAE encode + guided UNet + backward"))
 
 
+ASSET_OPTIONS: list[str] = []  # extra `run.py 3d` options for the 3d-asset case (tests make it tiny)
+
+
 def asset_case(size: str, device: str, model: Optional[str] = None, s: Optional[Setting] = None) -> Case:
     """`python run.py 3d "a red cube"` with the ToyWorld defaults, from start to the exported mesh and
-    turntables (model loading included: it is part of an asset's wall time). No peer. `small` only."""
-    if size != "small":
-        raise SystemExit("the 3d-asset case runs at --size small (the ToyWorld default asset)")
-    import run as runner
+    turntables, in a fresh process each run (imports and model loading are part of an asset's wall time).
+    Each run's fit time per step comes from its metadata. With `--baseline REF` the peer is the same command
+    in a git worktree of this repository at REF, interleaved with ours; without it there is no peer."""
+    import subprocess
+
     from dreamfusion.config import ThreeDConfig
 
-    out = scratch_dir("bench-3d-")
+    if size != "small":
+        raise SystemExit("the 3d-asset case runs at --size small (the ToyWorld default asset)")
+    s = s or SETTINGS[size]
+    options = [f"device={device}", *([f"model={model}"] if model else []), *ASSET_OPTIONS]
+    cfg = config.load(ThreeDConfig, "3d", options)
+    meta = {"model": model or "toyworld", "steps": cfg.steps, "height": cfg.render.resolution,
+            "width": cfg.render.resolution, "peer": None, "sampler": "sds", "guidance": cfg.guidance.scale,
+            "dtype": "float32", "includes": "process start + load + fit + marching cubes + OBJ/GLB/PLY + both turntables",
+            "target_s": 150.0, "target": "≤ 150 s on 2 CPU cores"}
 
-    def ours():
-        if runner.main(["3d", IMAGE_PROMPT, f"device={device}", "--out", str(out), "--quiet"]) != 0:
-            raise RuntimeError("the 3d job failed")
+    def side(name: str, root: Path):
+        out, per_step = scratch_dir(f"bench-3d-{name}-"), meta.setdefault(f"{name}_step_runs_s", [])
 
-    cfg = config.load(ThreeDConfig, "3d", [])
-    return Case("3d-asset", ours, None, {
-        "model": "toyworld", "steps": cfg.steps, "height": cfg.render.resolution, "width": cfg.render.resolution,
-        "peer": None, "sampler": "sds", "guidance": cfg.guidance.scale, "dtype": "float32",
-        "includes": "load + fit + marching cubes + OBJ/GLB/PLY + both turntables", "target_s": 600.0,
-        "target": "≤ 10 min on 2 CPU cores"})
+        def job():
+            before = set(out.glob("3d/*"))
+            proc = subprocess.run([sys.executable, "run.py", "3d", IMAGE_PROMPT, *options, "--out", str(out), "--quiet"],
+                                  cwd=root, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the 3d job ({name}) failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            [run_dir] = set(out.glob("3d/*")) - before
+            metadata = json.loads((run_dir / "metadata.json").read_text())
+            per_step.append(metadata["timings_s"]["fit"] / metadata["steps"])
+            meta[f"{name}_step_s"] = statistics.median(per_step)
+        return job
+
+    peer = None
+    if s.baseline is not None:
+        tree, commit = baseline_tree(s.baseline)
+        peer, meta["baseline"] = side("peer", tree), f"{s.baseline} ({commit[:10]})"
+    return Case("3d-asset", side("ours", REPO), peer, meta, warmup=False)
+
+
+def baseline_tree(ref: str) -> tuple[Path, str]:
+    """A detached git worktree of this repository at `ref` (removed when the process exits), and its commit."""
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{ref}^{{commit}}"], cwd=REPO, capture_output=True, text=True)
+    if commit.returncode != 0:
+        raise SystemExit(f"--baseline {ref}: not a commit of this repository")
+    path = scratch_dir("bench-baseline-") / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", "--quiet", str(path), commit.stdout.strip()], cwd=REPO,
+                   check=True, capture_output=True)
+    atexit.register(subprocess.run, ["git", "worktree", "remove", "--force", str(path)], cwd=REPO, capture_output=True)
+    return path, commit.stdout.strip()
 
 
 CASES = {"image": image_case, "video": video_case, "video-dpm": video_dpm_case, "video-toyworld": toyworld_video_case,

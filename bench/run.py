@@ -114,7 +114,7 @@ def run_case(case: Case, repeats: int, device: str) -> dict:
     row: dict = {"case": case.name}
     outputs, times, peaks = {}, {k: [] for k in sides}, {k: [] for k in sides}
     for side, fn in sides.items():
-        row[f"{side}_warmup_s"], _, outputs[side] = timed(fn, device)
+        row[f"{side}_warmup_s"], _, outputs[side] = timed(fn, device) if case.warmup else (None, None, None)
     for _ in range(repeats):
         for side, fn in sides.items():
             seconds, peak, outputs[side] = timed(fn, device)
@@ -188,6 +188,12 @@ def markdown(report: dict) -> str:
                          f"Whether the quality holds is `python run.py eval video sampler={r['sampler']} steps={r['steps']}`'s "
                          f"to say.")
     for r in report["cases"]:
+        if r.get("ours_step_s") is not None:
+            base = r.get("peer_step_s")
+            against = f" against the baseline {r['baseline']}'s {base:.3f} s (ratio {r['ours_step_s'] / base:.2f})" if base else ""
+            lines.append(f"- {r['case']}: the fit takes {r['ours_step_s']:.3f} s a step{against}; the asset's ratio above "
+                         f"is the whole command's wall time, process start to turntables.")
+    for r in report["cases"]:
         if r.get("peer"):
             lines.append(f"- {r['case']}: peer is {r['peer']}, on the same modules, scheduler config and seed.")
     return "\n".join(lines).rstrip() + "\n"
@@ -218,12 +224,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="ours also with torch.compile (compile=true); the compile time shows in the warm-up column")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="with --compile on CUDA: reduce-overhead mode, the UNet replayed as CUDA graphs (cuda_graphs=true)")
+    p.add_argument("--baseline", default=None, metavar="REF",
+                   help="3d-asset: the peer is this repository at git REF (a worktree), run interleaved with ours")
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # small cases' model (tests: tiny weights)
     args = p.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in args.cases if c not in CASES]
     if unknown or not args.cases:
         p.error(f"unknown case(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(CASES)}")
+    if args.baseline is not None and "3d-asset" not in args.cases:
+        p.error("--baseline is the 3d-asset case's peer: add 3d-asset to --cases")
     if args.cuda_graphs and not args.compile:
         p.error("--cuda-graphs replays the compiled UNet: add --compile")
     if args.repeats < 1:
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             case = CASES[name](args.size, args.device, args.model,
                                dataclasses.replace(SETTINGS[args.size], compile=args.compile,
-                                                   cuda_graphs=args.cuda_graphs))
+                                                   cuda_graphs=args.cuda_graphs, baseline=args.baseline))
             setup_s = time.perf_counter() - start
             row = run_case(case, args.repeats, args.device)
             row["setup_s"] = setup_s

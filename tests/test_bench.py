@@ -58,3 +58,23 @@ def test_bench_sds_case_runs_both_sides(tiny_sd, tmp_path, one_thread):
     [path] = tmp_path.glob("*-cpu.json")
     [row] = json.loads(path.read_text())["cases"]
     assert row["case"] == "sds" and row["ours_s"] > 0 and row["peer_s"] > 0 and row["ratio"] > 0
+
+
+def test_3d_asset_against_a_baseline_commit(tiny_sd, tmp_path, monkeypatch):
+    """--baseline REF: the same `run.py 3d` command in a git worktree at REF, interleaved with ours, each in a
+    fresh process; per-step fit times come from each run's metadata."""
+    import bench.cases
+    from tests.test_dreamfusion_fit import TINY
+
+    monkeypatch.setattr(bench.cases, "ASSET_OPTIONS", [a for a in TINY if a != "--quiet"] + ["val_every=0"])
+    assert main(["--device", "cpu", "--cases", "3d-asset", "--repeats", "1", "--baseline", "HEAD",
+                 "--out", str(tmp_path), "--model", str(tiny_sd)]) == 0
+    [path] = tmp_path.glob("*-cpu.json")
+    [row] = json.loads(path.read_text())["cases"]
+    assert row["case"] == "3d-asset" and row["baseline"].startswith("HEAD (") and row["steps"] == 4
+    assert row["ours_warmup_s"] is None and len(row["ours_runs_s"]) == len(row["peer_runs_s"]) == 1
+    assert row["ours_s"] > row["ours_step_s"] * 4 > 0 and row["peer_s"] > row["peer_step_s"] * 4 > 0
+    assert row["ratio"] == row["ours_s"] / row["peer_s"]
+    assert "the fit takes" in path.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--cases", "sds", "--baseline", "HEAD"])

@@ -4,7 +4,8 @@ For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted as `r
 run kept under the eval's folder with its scores, so `--resume` never fits or scores an asset twice:
 - geometry: volumetric IoU of the mesh and the true primitive, both moved to their centroid, scaled to unit
   volume, best of `rotations` turns about the vertical axis;
-- appearance: the judge's colour and shape on mesh renders from `views` azimuths;
+- appearance: the judge's colour and shape on mesh renders from `views` azimuths, and the hue error: the hue of
+  the mesh's median vertex colour against its ToyWorld colour's, in degrees (a lime "yellow" is 30 off);
 - views (a Janus check): the judge's view on the NeRF's own renders from `view_frames` azimuths.
 The same judge scores ToyWorld's render of each object from the same cameras: what it can reach.
 """
@@ -35,7 +36,7 @@ from pipelines.media import from_pil, save_image, to_pil
 from pipelines.rundir import RunDir
 from pipelines.runtime import Timer, pick_device, write_json
 from toyworld.render import SDFS, render
-from toyworld.vocab import COLOR_NAMES, SHAPES
+from toyworld.vocab import COLOR_NAMES, COLORS, SHAPES
 from toyworld.world import Scene
 
 from .config import Eval3DConfig
@@ -91,6 +92,23 @@ def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rota
 
 
 # -------------------------------------------------------------------------------------------- eval
+def hue(rgb) -> float:
+    """Hue of an RGB colour in [0, 1]^3, in degrees [0, 360) (HSV's hexcone hue)."""
+    r, g, b = (float(x) for x in rgb)
+    top, spread = max(r, g, b), max(r, g, b) - min(r, g, b)
+    if spread == 0:
+        return 0.0
+    sector = (g - b) / spread if top == r else (b - r) / spread + 2 if top == g else (r - g) / spread + 4
+    return (60.0 * sector) % 360.0
+
+
+def hue_error(mesh: trimesh.Trimesh, color: int) -> float:
+    """Degrees between the hue of the mesh's median vertex colour (per channel) and its ToyWorld colour's hue."""
+    rgb = np.median(np.asarray(mesh.visual.vertex_colors)[:, :3], axis=0) / 255.0
+    gap = abs(hue(rgb) - hue(COLORS[COLOR_NAMES[color]])) % 360.0
+    return min(gap, 360.0 - gap)
+
+
 def ground_truth_views(shape: int, color: int, cams, size: int) -> torch.Tensor:
     """ToyWorld's own render of the object (unit scale, marker in front) from `cams`: (V, 3, size, size)."""
     n = len(cams.azimuth_deg)
@@ -127,6 +145,7 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
     truth["view"] = judge_hits(judge, ground_truth_views(shape, color, orbit, judge.image_size), color, shape,
                                orbit_views)["view"]
     return {"iou": round(volumetric_iou(mesh, SHAPES[shape], cfg.iou_resolution, cfg.rotations), 4),
+            "hue_error": round(hue_error(mesh, color), 2),
             "color_hits": on_mesh["color"], "shape_hits": on_mesh["shape"],
             "view_hits": judge_hits(judge, nerf_orbit, color, shape, orbit_views)["view"],
             "view_chance": round(orbit_views.bincount().max().item() / len(orbit_views), 4),
@@ -168,6 +187,12 @@ def summarise(rows: list[dict]) -> dict:
     out["ground_truth"] = {metric: rate([h for r in rows for h in r["ground_truth_hits"][head]])
                            for metric, head in HIT_METRICS.items()}
     out["view_chance"] = max(r["view_chance"] for r in rows)
+    hued = [r for r in rows if "hue_error" in r]  # records scored before hue error was measured have none
+    if hued:
+        per_color = {COLOR_NAMES[c]: statistics.median(r["hue_error"] for r in hued if r["color_index"] == c)
+                     for c in dict.fromkeys(r["color_index"] for r in hued)}
+        out.update(median_hue_error=round(statistics.median(r["hue_error"] for r in hued), 2),
+                   per_color_hue_error=per_color, max_color_hue_error=round(max(per_color.values()), 2))
     out["passes"] = {k: out[k] >= bar for k, bar in BARS.items()}
     return out
 
@@ -184,6 +209,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"view_agreement is checked on {len(report['assets'][0]['view_hits'])} NeRF renders per asset, evenly "
               f"spaced in azimuth; answering the commonest true view every time would score {s['view_chance']:.3f}."]
     lines += ["", "| shape | median IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
+    if "median_hue_error" in s:
+        lines += ["", f"Hue error (degrees from the ToyWorld colour's hue): median {s['median_hue_error']:.1f}, worst colour "
+                  f"{s['max_color_hue_error']:.1f}.", "", "| colour | median hue error |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in s["per_color_hue_error"].items()]
     lines += ["", "| prompt | seed | IoU | colour | shape | view | view (ground truth) |", "|---|---|---|---|---|---|---|"]
     count = lambda hits: f"{sum(hits)}/{len(hits)}"  # noqa: E731
     for r in report["assets"]:

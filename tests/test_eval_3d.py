@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 
+import numpy as np
 import torch
 import trimesh
 
@@ -52,6 +53,31 @@ def test_iou_tells_shapes_apart():
     assert volumetric_iou(primitive_mesh("sphere"), "cone", 48) < volumetric_iou(primitive_mesh("cone"), "cone", 48)
 
 
+def test_hue_error_is_the_hue_distance_of_the_median_vertex_colour():
+    """The issue's example: a 'yellow' cone whose median colour is (0.61, 0.99, 0.00), hue 83 degrees, against
+    ToyWorld's yellow (0.95, 0.85, 0.05), hue 53: 30 degrees off. Red wraps around 0/360."""
+    from evals.threed import hue, hue_error
+    from toyworld.vocab import COLOR_NAMES, COLORS
+
+    assert hue((1, 0, 0)) == 0 and hue((0, 1, 0)) == 120 and hue((0, 0, 1)) == 240 and hue((1, 0, 1)) == 300
+    assert round(hue((0.61, 0.99, 0.0))) == 83 and round(hue(COLORS["yellow"])) == 53
+
+    def coloured(*rgbs):  # a mesh whose vertices carry these colours, in equal numbers
+        mesh = primitive_mesh("cube")
+        colours = np.array([rgbs[i % len(rgbs)] for i in range(len(mesh.vertices))]) * 255
+        rgba = np.c_[colours.round(), np.full(len(colours), 255)].astype(np.uint8)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=rgba)
+        return mesh
+
+    yellow = COLOR_NAMES.index("yellow")
+    assert hue_error(coloured(COLORS["yellow"]), yellow) < 0.5
+    assert abs(hue_error(coloured((0.61, 0.99, 0.0)), yellow) - 30) < 0.5
+    # the median vertex colour: a few stray blue vertices do not move it
+    assert hue_error(coloured(*[COLORS["yellow"]] * 4, (0.1, 0.2, 0.9)), yellow) < 0.5
+    red = COLOR_NAMES.index("red")
+    assert abs(hue_error(coloured((0.9, 0.1, 0.3)), red) - 15) < 0.5  # hue 345, 15 from red's 0
+
+
 def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     assert run.main(["eval", "3d", *tiny(tiny_sd), "seeds=1", "views=4", "view_frames=4", "rotations=4",
                      "--out", str(tmp_path), "--quiet"]) == 0
@@ -64,6 +90,9 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     assert set(s["ground_truth"]) == {"color_accuracy", "shape_accuracy", "view_agreement"}
     assert "ground truth" in (d / "report.md").read_text() and "Unfinished" not in (d / "report.md").read_text()
     assert [p.name for p in (d / "3d").iterdir()]  # the fitted run is kept next to the report
+    hue = report["assets"][0]["hue_error"]
+    assert 0 <= hue <= 180 and s["median_hue_error"] == hue and s["max_color_hue_error"] == hue
+    assert "Hue error" in (d / "report.md").read_text()
 
 
 def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tmp_path, capsys):

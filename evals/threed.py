@@ -3,7 +3,8 @@
 For each prompt "a {color} {shape}" of the grid, `seeds` assets are fitted as `run.py 3d` fits them, each
 run kept under the eval's folder with its scores, so `--resume` never fits or scores an asset twice:
 - geometry: volumetric IoU of the mesh and the true primitive, both moved to their centroid, scaled to unit
-  volume, best of `rotations` turns about the vertical axis;
+  volume, best of `rotations` turns about the vertical axis; and the stricter box IoU against every primitive,
+  each solid stretched onto the same box (`box_ious`), with the primitive the mesh is nearest to;
 - appearance: the judge's colour and shape on mesh renders from `views` azimuths, and the hue error: the hue of
   the mesh's median vertex colour against its ToyWorld colour's, in degrees (a lime "yellow" is 30 off);
 - views (a Janus check): the judge's view on the NeRF's own renders from `view_frames` azimuths.
@@ -91,6 +92,35 @@ def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rota
     return best
 
 
+def box_ious(mesh: trimesh.Trimesh, resolution: int = 64) -> dict[str, float]:
+    """The stricter geometry measure, against every primitive: IoU once each solid is stretched, axis by axis, onto
+    the same box. The mesh is first turned about z to the yaw of its smallest footprint (the primitives are all
+    symmetric under quarter turns, and lie in that pose already); then its bounding box and each primitive's are
+    mapped onto [-1, 1]^3. The extremes are pinned (tip to tip, base to base, side to side), so a shape that fills
+    its box differently fails: a blob fills pi/6 of a cube's box, a dome half again as much of a cone's."""
+    pitch = float(mesh.extents.max()) / resolution
+    solid = mesh.voxelized(pitch).fill()
+    occupied = torch.from_numpy(np.asarray(solid.points, dtype=np.float64))
+    if len(occupied) == 0:
+        return {shape: 0.0 for shape in SDFS}
+    yaws = [math.radians(a) for a in range(0, 90, 2)]
+    area = lambda p: float((p[:, 0].amax() - p[:, 0].amin()) * (p[:, 1].amax() - p[:, 1].amin()))  # noqa: E731
+    yaw = min(yaws, key=lambda a: area(_rotate_z(occupied, -a)))
+    turned = _rotate_z(occupied, -yaw)
+    lo, hi = turned.amin(0) - pitch / 2, turned.amax(0) + pitch / 2
+    y, _ = _grid(resolution, 1.0)  # the common box
+    in_mesh = torch.from_numpy(solid.is_filled(_rotate_z(lo + (y + 1) / 2 * (hi - lo), yaw).numpy()))
+    gt_pts, gt_cell = _grid(resolution, 1.5)
+    out = {}
+    for shape, sdf in SDFS.items():
+        inside = gt_pts[sdf(gt_pts.float()) < 0]
+        g_lo, g_hi = inside.amin(0) - gt_cell / 2, inside.amax(0) + gt_cell / 2
+        in_gt = sdf((g_lo + (y + 1) / 2 * (g_hi - g_lo)).float()) < 0
+        union = (in_mesh | in_gt).sum()
+        out[shape] = round(float((in_mesh & in_gt).sum() / union) if union else 0.0, 4)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- eval
 def hue(rgb) -> float:
     """Hue of an RGB colour in [0, 1]^3, in degrees [0, 360) (HSV's hexcone hue)."""
@@ -144,7 +174,9 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
     truth = judge_hits(judge, ground_truth_views(shape, color, cams, judge.image_size), color, shape, true_views(cams, cfg))
     truth["view"] = judge_hits(judge, ground_truth_views(shape, color, orbit, judge.image_size), color, shape,
                                orbit_views)["view"]
+    boxes = box_ious(mesh, cfg.iou_resolution)
     return {"iou": round(volumetric_iou(mesh, SHAPES[shape], cfg.iou_resolution, cfg.rotations), 4),
+            "box_iou": boxes[SHAPES[shape]], "box_ious": boxes, "box_nearest": max(boxes, key=boxes.get),
             "hue_error": round(hue_error(mesh, color), 2),
             "color_hits": on_mesh["color"], "shape_hits": on_mesh["shape"],
             "view_hits": judge_hits(judge, nerf_orbit, color, shape, orbit_views)["view"],
@@ -187,6 +219,15 @@ def summarise(rows: list[dict]) -> dict:
     out["ground_truth"] = {metric: rate([h for r in rows for h in r["ground_truth_hits"][head]])
                            for metric, head in HIT_METRICS.items()}
     out["view_chance"] = max(r["view_chance"] for r in rows)
+    boxed = [r for r in rows if "box_ious" in r]  # records scored before the box IoU was measured have none
+    if boxed:
+        shapes = dict.fromkeys(r["shape_name"] for r in boxed)
+        table = {s: {p: statistics.median(r["box_ious"][p] for r in boxed if r["shape_name"] == s) for p in SDFS}
+                 for s in shapes}  # shape -> primitive -> median box IoU of that shape's assets against it
+        out.update(median_box_iou=round(statistics.median(r["box_iou"] for r in boxed), 4),
+                   per_shape_box_iou={s: table[s][s] for s in shapes},
+                   box_confusions={s: max(table[s], key=table[s].get) for s in shapes
+                                   if max(table[s], key=table[s].get) != s})
     hued = [r for r in rows if "hue_error" in r]  # records scored before hue error was measured have none
     if hued:
         per_color = {COLOR_NAMES[c]: statistics.median(r["hue_error"] for r in hued if r["color_index"] == c)
@@ -209,6 +250,11 @@ def markdown(report: dict) -> str:
     lines += ["", f"view_agreement is checked on {len(report['assets'][0]['view_hits'])} NeRF renders per asset, evenly "
               f"spaced in azimuth; answering the commonest true view every time would score {s['view_chance']:.3f}."]
     lines += ["", "| shape | median IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
+    if "median_box_iou" in s:
+        confused = ", ".join(f"{k} is nearer {v}" for k, v in s["box_confusions"].items()) or "none"
+        lines += ["", f"Box IoU (each solid stretched onto the same box; stricter): median {s['median_box_iou']:.3f}. "
+                  f"Shapes nearer another primitive than their own: {confused}.", "", "| shape | median box IoU |",
+                  "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_box_iou"].items()]
     if "median_hue_error" in s:
         lines += ["", f"Hue error (degrees from the ToyWorld colour's hue): median {s['median_hue_error']:.1f}, worst colour "
                   f"{s['max_color_hue_error']:.1f}.", "", "| colour | median hue error |", "|---|---|"]

@@ -14,7 +14,7 @@ from dreamfusion.cameras import orbit_cameras
 from dreamfusion.fit import turntable_cameras
 from evals.config import Eval3DConfig
 from evals.judge import load_judge
-from evals.threed import RECORD_FILES, ground_truth_views, judge_hits, true_views, volumetric_iou
+from evals.threed import RECORD_FILES, box_ious, ground_truth_views, judge_hits, true_views, volumetric_iou
 from toyworld.render import SDFS
 from tests.tiny import toyworld_recipe
 
@@ -51,6 +51,24 @@ def test_iou_tells_shapes_apart():
     cube = primitive_mesh("cube")
     assert volumetric_iou(cube, "cube", 48) - volumetric_iou(cube, "torus", 48) > 0.3
     assert volumetric_iou(primitive_mesh("sphere"), "cone", 48) < volumetric_iou(primitive_mesh("cone"), "cone", 48)
+
+
+def test_box_iou_finds_each_primitive_nearest_itself_and_is_stricter_than_the_volumetric_iou():
+    """Each primitive, turned and scaled, is nearest its own primitive. A sphere (a blob) against a cube, and a dome
+    (a gumdrop: radius sqrt(1 - z)) against a cone score lower than on the volumetric IoU, and the dome is
+    nearer the pyramid than the cone."""
+    for shape in SDFS:
+        scores = box_ious(primitive_mesh(shape, scale=0.7, shift=(0.2, 0.1, -0.3), yaw_deg=40), 48)
+        assert max(scores, key=scores.get) == shape and scores[shape] > 0.85, (shape, scores)
+    sphere = primitive_mesh("sphere")
+    assert box_ious(sphere, 48)["cube"] < volumetric_iou(sphere, "cube", 48, 36) - 0.1
+    axis = (torch.arange(64) + 0.5) / 64 * 3 - 1.5
+    x, y, z = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3).unbind(-1)
+    height = ((z + 0.5) / 1.0).clamp(0, 1)
+    dome = torch.where(z.abs() < 0.5, (x ** 2 + y ** 2).sqrt() - 0.5 * (1 - height).sqrt(), torch.ones_like(z))
+    gumdrop = extract_mesh((-dome).reshape(64, 64, 64), 1.5, 0.0)
+    scores = box_ious(gumdrop, 48)
+    assert scores["cone"] < volumetric_iou(gumdrop, "cone", 48, 36) and max(scores, key=scores.get) != "cone", scores
 
 
 def test_hue_error_is_the_hue_distance_of_the_median_vertex_colour():
@@ -93,6 +111,9 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     hue = report["assets"][0]["hue_error"]
     assert 0 <= hue <= 180 and s["median_hue_error"] == hue and s["max_color_hue_error"] == hue
     assert "Hue error" in (d / "report.md").read_text()
+    asset = report["assets"][0]
+    assert set(asset["box_ious"]) == set(SDFS) and asset["box_iou"] == asset["box_ious"]["cube"] == s["median_box_iou"]
+    assert asset["box_nearest"] == max(asset["box_ious"], key=asset["box_ious"].get) and "Box IoU" in (d / "report.md").read_text()
 
 
 def test_eval_3d_resume_scores_finished_assets_and_finishes_the_rest(tiny_sd, tmp_path, capsys):

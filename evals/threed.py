@@ -121,6 +121,47 @@ def box_ious(mesh: trimesh.Trimesh, resolution: int = 64) -> dict[str, float]:
     return out
 
 
+# ------------------------------------------------------------------------------------ where "front" is read
+NEAR_FRONT, FAR_FROM_FRONT = 45.0, 90.0  # DreamFusion's front threshold; a quarter turn
+
+
+def _azimuths(n: int) -> list[float]:
+    return [360.0 * k / n for k in range(n)]  # the orbit's azimuths (turntable_cameras starts at 0)
+
+
+def _apart(a: float, b: float) -> float:
+    return min(abs(a - b) % 360.0, 360.0 - abs(a - b) % 360.0)
+
+
+def front_runs(reads: list[bool]) -> list[list[float]]:
+    """Azimuths of the frames read as "front" (evenly spaced from 0), grouped into runs of neighbouring frames
+    (the orbit is a circle: a run may wrap past 0)."""
+    n, az = len(reads), _azimuths(len(reads))
+    if all(reads):
+        return [az]
+    start = next(k for k in range(n) if not reads[k])  # begin after a gap, so no run is split at the seam
+    runs, current = [], []
+    for k in (start + i for i in range(1, n + 1)):
+        if reads[k % n]:
+            current.append(az[k % n])
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def janus(reads: list[bool]) -> bool:
+    """A second face: front read in two separate runs with frames 90 degrees or more apart."""
+    runs = front_runs(reads)
+    return any(_apart(a, b) >= FAR_FROM_FRONT for i, r in enumerate(runs) for s in runs[i + 1:] for a in r for b in s)
+
+
+def front_drawn(reads: list[bool]) -> bool:
+    """The front is drawn where it belongs: read within 45 degrees of azimuth 0, and nowhere beyond 90."""
+    near = [_apart(a, 0.0) for a, read in zip(_azimuths(len(reads)), reads) if read]
+    return bool(near) and min(near) <= NEAR_FRONT and max(near) <= FAR_FROM_FRONT
+
+
 # -------------------------------------------------------------------------------------------- eval
 def hue(rgb) -> float:
     """Hue of an RGB colour in [0, 1]^3, in degrees [0, 360) (HSV's hexcone hue)."""
@@ -172,8 +213,11 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
     orbit_views = true_views(orbit, cfg)
     nerf_orbit = render_views(asset, renderer, orbit.to(device), judge.image_size, cfg).cpu()
     truth = judge_hits(judge, ground_truth_views(shape, color, cams, judge.image_size), color, shape, true_views(cams, cfg))
-    truth["view"] = judge_hits(judge, ground_truth_views(shape, color, orbit, judge.image_size), color, shape,
-                               orbit_views)["view"]
+    truth_orbit = ground_truth_views(shape, color, orbit, judge.image_size)
+    truth["view"] = judge_hits(judge, truth_orbit, color, shape, orbit_views)["view"]
+    front = VIEWS.index("front")
+    reads = {"front_reads": (judge.predict(nerf_orbit)["view"] == front).tolist(),
+             "ground_truth_front_reads": (judge.predict(truth_orbit)["view"] == front).tolist()}
     boxes = box_ious(mesh, cfg.iou_resolution)
     return {"iou": round(volumetric_iou(mesh, SHAPES[shape], cfg.iou_resolution, cfg.rotations), 4),
             "box_iou": boxes[SHAPES[shape]], "box_ious": boxes, "box_nearest": max(boxes, key=boxes.get),
@@ -181,7 +225,7 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
             "color_hits": on_mesh["color"], "shape_hits": on_mesh["shape"],
             "view_hits": judge_hits(judge, nerf_orbit, color, shape, orbit_views)["view"],
             "view_chance": round(orbit_views.bincount().max().item() / len(orbit_views), 4),
-            "ground_truth_hits": truth, "views": torch.cat([nerf_views, mesh_views], -2)}  # NeRF above mesh
+            "ground_truth_hits": truth, **reads, "views": torch.cat([nerf_views, mesh_views], -2)}  # NeRF above mesh
 
 
 def save_score(run_dir: Path, scored: dict) -> None:
@@ -219,6 +263,12 @@ def summarise(rows: list[dict]) -> dict:
     out["ground_truth"] = {metric: rate([h for r in rows for h in r["ground_truth_hits"][head]])
                            for metric, head in HIT_METRICS.items()}
     out["view_chance"] = max(r["view_chance"] for r in rows)
+    read = [r for r in rows if "front_reads" in r]  # records scored before these were measured have none
+    if read:
+        share = lambda test, key: round(sum(test(r[key]) for r in read) / len(read), 4)  # noqa: E731
+        out.update(janus_rate=share(janus, "front_reads"), front_drawn_rate=share(front_drawn, "front_reads"))
+        out["ground_truth"].update(janus_rate=share(janus, "ground_truth_front_reads"),
+                                   front_drawn_rate=share(front_drawn, "ground_truth_front_reads"))
     boxed = [r for r in rows if "box_ious" in r]  # records scored before the box IoU was measured have none
     if boxed:
         shapes = dict.fromkeys(r["shape_name"] for r in boxed)
@@ -250,6 +300,10 @@ def markdown(report: dict) -> str:
     lines += ["", f"view_agreement is checked on {len(report['assets'][0]['view_hits'])} NeRF renders per asset, evenly "
               f"spaced in azimuth; answering the commonest true view every time would score {s['view_chance']:.3f}."]
     lines += ["", "| shape | median IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
+    if "janus_rate" in s:
+        lines += ["", f"Janus rate (two front readings 90° or more apart, NeRF orbit): {s['janus_rate']:.3f} (ground truth "
+                  f"{truth['janus_rate']:.3f}); front drawn (front within 45° of azimuth 0, never beyond 90°): "
+                  f"{s['front_drawn_rate']:.3f} (ground truth {truth['front_drawn_rate']:.3f})."]
     if "median_box_iou" in s:
         confused = ", ".join(f"{k} is nearer {v}" for k, v in s["box_confusions"].items()) or "none"
         lines += ["", f"Box IoU (each solid stretched onto the same box; stricter): median {s['median_box_iou']:.3f}. "

@@ -222,6 +222,7 @@ def score_asset(run_dir: Path, color: int, shape: int, cfg: Eval3DConfig, judge,
     return {"iou": round(volumetric_iou(mesh, SHAPES[shape], cfg.iou_resolution, cfg.rotations), 4),
             "box_iou": boxes[SHAPES[shape]], "box_ious": boxes, "box_nearest": max(boxes, key=boxes.get),
             "hue_error": round(hue_error(mesh, color), 2),
+            "euler_number": int(mesh.euler_number), "watertight": bool(mesh.is_watertight),
             "color_hits": on_mesh["color"], "shape_hits": on_mesh["shape"],
             "view_hits": judge_hits(judge, nerf_orbit, color, shape, orbit_views)["view"],
             "view_chance": round(orbit_views.bincount().max().item() / len(orbit_views), 4),
@@ -278,6 +279,12 @@ def summarise(rows: list[dict]) -> dict:
                    per_shape_box_iou={s: table[s][s] for s in shapes},
                    box_confusions={s: max(table[s], key=table[s].get) for s in shapes
                                    if max(table[s], key=table[s].get) != s})
+    topo = [r for r in rows if "euler_number" in r]
+    if topo:
+        out["watertight_rate"] = round(sum(r["watertight"] for r in topo) / len(topo), 4)
+        tori = [r for r in topo if r["shape_name"] == "torus"]
+        if tori:  # a torus with its hole has Euler number 0 (a sphere-like blob has 2)
+            out["torus_hole_rate"] = round(sum(r["euler_number"] == 0 for r in tori) / len(tori), 4)
     hued = [r for r in rows if "hue_error" in r]  # records scored before hue error was measured have none
     if hued:
         per_color = {COLOR_NAMES[c]: statistics.median(r["hue_error"] for r in hued if r["color_index"] == c)
@@ -309,6 +316,9 @@ def markdown(report: dict) -> str:
         lines += ["", f"Box IoU (each solid stretched onto the same box; stricter): median {s['median_box_iou']:.3f}. "
                   f"Shapes nearer another primitive than their own: {confused}.", "", "| shape | median box IoU |",
                   "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_box_iou"].items()]
+    if "watertight_rate" in s:
+        holes = f"; tori with a hole (Euler number 0): {s['torus_hole_rate']:.3f}" if "torus_hole_rate" in s else ""
+        lines += ["", f"Watertight meshes: {s['watertight_rate']:.3f}{holes}."]
     if "median_hue_error" in s:
         lines += ["", f"Hue error (degrees from the ToyWorld colour's hue): median {s['median_hue_error']:.1f}, worst colour "
                   f"{s['max_color_hue_error']:.1f}.", "", "| colour | median hue error |", "|---|---|"]

@@ -72,6 +72,19 @@ def test_box_iou_finds_each_primitive_nearest_itself_and_is_stricter_than_the_vo
     assert scores["cone"] < volumetric_iou(gumdrop, "cone", 48, 36) and max(scores, key=scores.get) != "cone", scores
 
 
+def test_summary_counts_watertight_meshes_and_tori_with_a_hole():
+    from evals.threed import summarise
+
+    def row(shape, euler, watertight):
+        return {"shape_name": shape, "iou": 0.5, "euler_number": euler, "watertight": watertight, "color_hits": [True],
+                "shape_hits": [True], "view_hits": [True], "view_chance": 0.5,
+                "ground_truth_hits": {"color": [True], "shape": [True], "view": [True]}}
+
+    s = summarise([row("torus", 0, True), row("torus", 2, True), row("torus", 0, False), row("cube", 2, True)])
+    assert s["torus_hole_rate"] == 0.6667 and s["watertight_rate"] == 0.75
+    assert trimesh.creation.torus(1.0, 0.3).euler_number == 0 and trimesh.creation.icosphere().euler_number == 2
+
+
 def reads(pattern: str) -> list[bool]:
     """'F' where the judge read "front", one character per orbit frame from azimuth 0."""
     return [c == "F" for c in pattern]
@@ -144,6 +157,9 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     assert set(asset["box_ious"]) == set(SDFS) and asset["box_iou"] == asset["box_ious"]["cube"] == s["median_box_iou"]
     assert asset["box_nearest"] == max(asset["box_ious"], key=asset["box_ious"].get) and "Box IoU" in (d / "report.md").read_text()
     assert len(asset["front_reads"]) == len(asset["ground_truth_front_reads"]) == 4
+    mesh = trimesh.load(d / "3d" / asset["run"] / "mesh.ply", force="mesh")
+    assert (asset["euler_number"], asset["watertight"]) == (mesh.euler_number, mesh.is_watertight)
+    assert s["watertight_rate"] == float(mesh.is_watertight) and "torus_hole_rate" not in s  # no torus in this grid
     assert s["janus_rate"] == float(janus(asset["front_reads"])) and s["ground_truth"]["janus_rate"] == 0.0
     assert s["front_drawn_rate"] == float(front_drawn(asset["front_reads"])) and "Janus rate" in (d / "report.md").read_text()
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipelines.config import to_dict
 from pipelines.errors import UserError
-from pipelines.rundir import RunDir
+from pipelines.rundir import RunDir, new_folder
 from pipelines.runtime import UMASK, command_line, pick_device, write_yaml
 
 from .config import ExportConfig, ThreeDConfig
@@ -27,7 +27,6 @@ from .fit import export_asset, load_asset
 from .renderer import make_renderer
 
 logger = logging.getLogger(__name__)
-MAX_SAME_NAME = 10_000  # exports of one run started in the same second
 
 
 def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
@@ -45,7 +44,7 @@ def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
         os.chmod(tmp, 0o777 & ~UMASK)  # mkdtemp makes 0700; the export is readable like the run's other folders
         export_asset(asset, make_renderer(device, full.render, full.field.bound), full, tmp, progress)
         write_yaml(tmp / "config.yaml", {**to_dict(full.export), "device": cfg.device, "command": command_line()})
-        folder = _claim(run.path, stem)
+        folder = new_folder(run.path, stem, "export", sep="~")  # claimed, empty
         os.replace(tmp, folder)  # onto the empty folder we own: atomic, and no other export can take the name
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -54,15 +53,3 @@ def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
         raise
     logger.info("exported to %s", folder)
     return folder
-
-
-def _claim(parent: Path, stem: str) -> Path:
-    """Create and return the first of parent/stem, parent/stem~2, ... that does not exist yet (exclusively)."""
-    for i in range(1, MAX_SAME_NAME):
-        folder = parent / (stem if i == 1 else f"{stem}~{i}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise UserError(f"too many exports named {stem} in {parent}")

@@ -13,6 +13,7 @@ The same judge scores ToyWorld's render of each object from the same cameras: wh
 
 from __future__ import annotations
 
+import colorsys
 import json
 import logging
 import math
@@ -67,6 +68,14 @@ def _rotate_z(p: torch.Tensor, angle: float) -> torch.Tensor:
     return torch.stack([c * p[:, 0] - s * p[:, 1], s * p[:, 0] + c * p[:, 1], p[:, 2]], -1)
 
 
+def _solid(mesh: trimesh.Trimesh, resolution: int):
+    """The mesh's filled voxel solid at `resolution` cells along its longest side, its occupied cell centres (N, 3)
+    and the cell size."""
+    pitch = float(mesh.extents.max()) / resolution
+    solid = mesh.voxelized(pitch).fill()
+    return solid, torch.from_numpy(np.asarray(solid.points, dtype=np.float64)), pitch
+
+
 def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rotations: int = 36) -> float:
     """IoU of the mesh's solid and the ground-truth primitive, both normalised (module docstring)."""
     sdf = SDFS[shape]
@@ -75,9 +84,7 @@ def volumetric_iou(mesh: trimesh.Trimesh, shape: str, resolution: int = 64, rota
     gt_inside = sdf(gt_pts.float()) < 0
     gt_c, gt_s = _normalised(gt_pts[gt_inside], gt_cell)
     # the mesh's solid, voxelised (filled), and its centroid and volume
-    pitch = float(mesh.extents.max()) / resolution
-    solid = mesh.voxelized(pitch).fill()
-    occupied = torch.from_numpy(np.asarray(solid.points, dtype=np.float64))
+    solid, occupied, pitch = _solid(mesh, resolution)
     if len(occupied) == 0:
         return 0.0
     m_c, m_s = _normalised(occupied, pitch)
@@ -98,9 +105,7 @@ def box_ious(mesh: trimesh.Trimesh, resolution: int = 64) -> dict[str, float]:
     symmetric under quarter turns, and lie in that pose already); then its bounding box and each primitive's are
     mapped onto [-1, 1]^3. The extremes are pinned (tip to tip, base to base, side to side), so a shape that fills
     its box differently fails: a blob fills pi/6 of a cube's box, a dome half again as much of a cone's."""
-    pitch = float(mesh.extents.max()) / resolution
-    solid = mesh.voxelized(pitch).fill()
-    occupied = torch.from_numpy(np.asarray(solid.points, dtype=np.float64))
+    solid, occupied, pitch = _solid(mesh, resolution)
     if len(occupied) == 0:
         return {shape: 0.0 for shape in SDFS}
     yaws = [math.radians(a) for a in range(0, 90, 2)]
@@ -165,12 +170,7 @@ def front_drawn(reads: list[bool]) -> bool:
 # -------------------------------------------------------------------------------------------- eval
 def hue(rgb) -> float:
     """Hue of an RGB colour in [0, 1]^3, in degrees [0, 360) (HSV's hexcone hue)."""
-    r, g, b = (float(x) for x in rgb)
-    top, spread = max(r, g, b), max(r, g, b) - min(r, g, b)
-    if spread == 0:
-        return 0.0
-    sector = (g - b) / spread if top == r else (b - r) / spread + 2 if top == g else (r - g) / spread + 4
-    return (60.0 * sector) % 360.0
+    return 360.0 * colorsys.rgb_to_hsv(*(float(x) for x in rgb))[0]
 
 
 def hue_error(mesh: trimesh.Trimesh, color: int) -> float:

@@ -22,6 +22,21 @@ from .runtime import command_line, slugify, versions, write_json, write_text, wr
 logger = logging.getLogger(__name__)
 
 
+def new_folder(parent: Path, stem: str, what: str, sep: str = "-") -> Path:
+    """Create and return the first of parent/stem, parent/stem<sep>2, ... that does not exist yet. Each `mkdir` is
+    exclusive, so processes started in the same second never share one."""
+    for i in range(1, 10_000):
+        path = parent / (stem if i == 1 else f"{stem}{sep}{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UserError(f"cannot create {what} directory {path}: {e.strerror}") from None
+    raise UserError(f"too many {what}s named {stem} in {parent}")
+
+
 class RunDir:
     """`with RunDir.create(...) as run:` a run this session made that fails (an error, Ctrl-C) removes its folder,
     unless `run.keep()` says it holds what a resume needs; then it says how to continue."""
@@ -61,17 +76,7 @@ class RunDir:
             raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
         if not os.access(root, os.W_OK):
             raise UserError(f"output directory {root} is not writable; pass --out DIR with a writable DIR")
-        stem = f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(name)}"
-        for i in range(1, 10_000):
-            path = root / (stem if i == 1 else f"{stem}-{i}")
-            try:
-                path.mkdir()
-                return cls(path, fresh=True)
-            except FileExistsError:
-                continue
-            except OSError as e:
-                raise UserError(f"cannot create run directory {path}: {e.strerror}") from None
-        raise UserError(f"too many runs named {stem} in {root}")
+        return cls(new_folder(root, f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(name)}", "run"), fresh=True)
 
     @classmethod
     def existing(cls, path: str | Path, job: str) -> RunDir:

@@ -216,7 +216,7 @@ def load_checkpoint(accel, folder: Path, model, opt, ema) -> dict:
     if missing:
         raise UserError(f"{folder} is not a complete checkpoint of this version (no {missing[0]}); start a new run")
     try:
-        progress = json.loads((folder / "progress.json").read_text())
+        progress = _read(folder / "progress.json")
         state = load_file(folder / "model.safetensors")
         check_finite(state, folder / "model.safetensors")
         module = accel.unwrap_model(model)

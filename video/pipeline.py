@@ -24,7 +24,7 @@ from pipelines.runtime import Timer, pick_device
 from pipelines.sampling import initial_noise, sample
 
 from .config import VideoConfig
-from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, inflate, window_starts
+from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, fuse_windows, inflate
 
 logger = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 64 * 10**6  # image= is resized to the clip's size; a larger one is a mistake or a bomb
@@ -35,7 +35,7 @@ class AnimateDiffUNet(nn.Module):
     VideoUNet: (b, c, f, h, w) in and out. AnimateDiff has no fps or word-embedding input; both are unused.
     Clips longer than the adapter's `motion_max_seq_length` run in the project's long-video windows: the
     UNet on half-overlapping windows of that length, fused with weights that fall to each window's ends
-    (`window_starts`, as our temporal attention's FreeNoise windows)."""
+    (`fuse_windows`, as our temporal attention's FreeNoise windows)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -74,17 +74,10 @@ class AnimateDiffUNet(nn.Module):
     def forward(self, sample, timestep, encoder_hidden_states, fps=None, words=None, **unet_kwargs):
         from diffusers.models.unets.unet_motion_model import UNetMotionOutput
 
-        frames, win = sample.shape[2], self.window
-        if frames <= win:
+        if sample.shape[2] <= self.window:
             return self._clip(sample, timestep, encoder_hidden_states, **unet_kwargs)
-        ramp = torch.minimum(torch.arange(1, win + 1), torch.arange(win, 0, -1)).to(sample)  # 1..peak..1
-        out = torch.zeros_like(sample)
-        weight = torch.zeros(frames, device=sample.device, dtype=sample.dtype)
-        for s in window_starts(frames, win):
-            part = self._clip(sample[:, :, s:s + win], timestep, encoder_hidden_states, **unet_kwargs).sample
-            out[:, :, s:s + win] += part * ramp[:, None, None]
-            weight[s:s + win] += ramp
-        return UNetMotionOutput(sample=out / weight[:, None, None])
+        clip = lambda part: self._clip(part, timestep, encoder_hidden_states, **unet_kwargs).sample  # noqa: E731
+        return UNetMotionOutput(sample=fuse_windows(sample, 2, self.window, clip))
 
     def _clip(self, sample, timestep, encoder_hidden_states, **unet_kwargs):
         # UNetMotionModel folds frames into the batch but expects the text already repeated per frame.

@@ -59,6 +59,21 @@ def window_starts(frames: int, window: int) -> list[int]:
     return starts
 
 
+def fuse_windows(x: torch.Tensor, dim: int, window: int, fn) -> torch.Tensor:
+    """`fn` (shape-preserving) on the half-overlapping windows of `window` frames along `dim` of `x`
+    (`window_starts`), the overlaps fused with weights that fall to each window's ends (1..peak..1), as
+    FreeNoise (Qiu et al. 2023, sec. 3.3) fuses them: no frame sees an unseen distance and no seam is hard."""
+    frames = x.shape[dim]
+    ramp = torch.minimum(torch.arange(1, window + 1), torch.arange(window, 0, -1)).to(x)  # 1..peak..1
+    along = lambda v: v.view([-1 if d == dim % x.ndim else 1 for d in range(x.ndim)])  # noqa: E731
+    out = torch.zeros_like(x)
+    weight = torch.zeros(frames, device=x.device, dtype=x.dtype)
+    for s in window_starts(frames, window):
+        out.narrow(dim, s, window).add_(fn(x.narrow(dim, s, window)) * along(ramp))
+        weight[s:s + window] += ramp
+    return out / along(weight)
+
+
 class TemporalConv(nn.Module):
     """Pseudo-3D convolution: a dirac-initialised 1D convolution over frames at every pixel, on an input scaled
     and shifted by the clip's conditioning (FiLM), plus a zero-initialised depthwise (frames x 3 x 3)
@@ -161,17 +176,8 @@ class TemporalAttention(nn.Module):
         return self.attn(tokens, tokens, tokens, need_weights=False)[0]
 
     def _windowed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Attention in windows of the trained length, half-overlapping, each with its own positions
-        0..window-1; overlaps are fused with weights that fall to the window's ends (FreeNoise,
-        Qiu et al. 2023, sec. 3.3), so no frame sees an unseen distance and no seam is hard."""
-        f, win = tokens.shape[1], self.window
-        ramp = torch.minimum(torch.arange(1, win + 1), torch.arange(win, 0, -1)).float().to(tokens)  # 1..peak..1
-        out = torch.zeros_like(tokens)
-        weight = torch.zeros(f, device=tokens.device, dtype=tokens.dtype)
-        for s in window_starts(f, win):
-            out[:, s:s + win] += self._attend(tokens[:, s:s + win]) * ramp[:, None]
-            weight[s:s + win] += ramp
-        return out / weight[:, None]
+        """Attention in windows of the trained length, each with its own positions 0..window-1 (`fuse_windows`)."""
+        return fuse_windows(tokens, 1, self.window, self._attend)
 
 
 class TemporalLayers(nn.Module):

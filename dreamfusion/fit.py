@@ -85,6 +85,7 @@ class SDSObjective(nn.Module):
     def forward(self, step: int, progress: float, generator: torch.Generator) -> torch.Tensor:
         cfg, g, res, loss_cfg = self.cfg, generator, self.cfg.render.resolution, self.cfg.loss
         self.asset.field.anneal(progress)
+        self.renderer.update(step, self.asset.field)  # before rendering, so a checkpoint holds the grid step k used
         cams = sample_cameras(cfg.batch_size, cfg.camera, g, self.device)
         shading = sample_shading(step, cfg.shading, cams, g)
         out = render(self.asset, self.renderer, cams, res, shading, cfg, train=True, generator=g)
@@ -193,7 +194,6 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
             return {"step": step, "progress": step / cfg.steps, "generator": step_generator(cfg.seed, STAGE, step, 0)}
 
         def after_step(step: int) -> None:
-            renderer.update(step, asset.field)
             if cfg.val_every and (step + 1) % cfg.val_every == 0:
                 views = render_views(asset, renderer, val_cams, cfg.render.resolution, cfg)
                 save_image(run / "val" / f"step_{step + 1:06d}.png", to_pil(rearrange(views, "b c h w -> 1 c h (b w)"))[0])

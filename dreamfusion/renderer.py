@@ -13,8 +13,9 @@ import logging
 from typing import Callable, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
-from torch import Tensor
+from torch import Tensor, nn
 
 from pipelines.errors import UserError
 from pipelines.geometry import ray_aabb
@@ -38,7 +39,9 @@ class BackgroundFn(Protocol):
     def __call__(self, dirs: Tensor, train: bool, generator: torch.Generator | None) -> Tensor: ...
 
 
-EVAL_MIN_WEIGHT = 1e-4  # evaluation renders skip shading samples whose compositing weight is below this
+# The batched renderer shades (and takes normals at) only samples whose weight exceeds these: in training, where the
+# gradient matters; in evaluation renders, where only the image does (what is dropped is at most a percent of a pixel).
+MIN_WEIGHT, EVAL_MIN_WEIGHT = 1e-4, 1e-3
 
 
 def _query_samples(field: Field, shading_fn: ShadingFn, points: Tensor, ray_index: Tensor,
@@ -56,24 +59,68 @@ def _facing_away(normals: Tensor, dirs: Tensor) -> Tensor:
     return (normals * dirs).sum(-1).clamp(min=0) ** 2
 
 
+def _scatter(values: Tensor, index: Tensor, n: int) -> Tensor:
+    """values (K, ...) at rows `index` (K,) of n rows, zeros elsewhere (differentiable in values)."""
+    return values.new_zeros((n,) + values.shape[1:]).index_copy(0, index, values)
+
+
 def _empty_outputs(n: int, like: Tensor) -> dict[str, Tensor]:
     return {k: like.new_zeros((n, c) if c else (n,)) for k, c in OUTPUTS.items()}
 
 
-class _Renderer:
-    """Shared driver: background, chunking, compositing with the background."""
+class OccupancyGrid(nn.Module):
+    """Which cells of the cube [-bound, bound]^3 hold matter: nerfacc's occupancy grid, in plain PyTorch.
+
+    `resolution`^3 cells. `refresh(field)` queries the density at every cell corner; a cell is occupied when one of
+    its 8 corners has density * `step` above `threshold` (nerfacc's test, on one marching step's optical depth), and
+    the occupied cells are dilated by one cell, so a surface can grow between refreshes. Before the first refresh
+    every cell counts as occupied. Deterministic (corners, not nerfacc's random points), and the grid is a buffer,
+    so a checkpoint holds it and a resumed fit marches the same samples.
+    """
+
+    def __init__(self, resolution: int, bound: float, threshold: float, step: float):
+        super().__init__()
+        self.resolution, self.bound, self.threshold, self.step = resolution, bound, threshold, step
+        self.register_buffer("occupied", torch.ones((resolution,) * 3, dtype=torch.bool))
+        self.register_buffer("refreshed", torch.tensor(-1))  # the step of the last refresh (-1: never)
+
+    @property
+    def ready(self) -> bool:
+        return int(self.refreshed) >= 0
+
+    @torch.no_grad()
+    def refresh(self, field: Field, step: int = 0, chunk: int = 65536) -> None:
+        r = self.resolution
+        axis = torch.linspace(-self.bound, self.bound, r + 1, device=self.occupied.device)
+        corners = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        density = torch.cat([field.query_density(corners[i:i + chunk]).float() for i in range(0, len(corners), chunk)])
+        solid = (density * self.step > self.threshold).float().reshape(1, 1, r + 1, r + 1, r + 1)
+        cells = F.max_pool3d(solid, 2, stride=1)  # a cell is solid if any of its corners is
+        self.occupied.copy_(F.max_pool3d(cells, 3, stride=1, padding=1)[0, 0] > 0)
+        self.refreshed.fill_(step)
+
+    def __call__(self, points: Tensor) -> Tensor:
+        """Whether each point (M, 3) lies in an occupied cell (M,); points outside the cube are not."""
+        r = self.resolution
+        cell = ((points + self.bound) * (r / (2 * self.bound))).floor().long()
+        inside = ((cell >= 0) & (cell < r)).all(-1)
+        cell = cell.clamp(0, r - 1)
+        return inside & self.occupied[cell[:, 0], cell[:, 1], cell[:, 2]]
+
+    def fraction(self) -> float:
+        return float(self.occupied.float().mean())
+
+
+class _Renderer(nn.Module):
+    """Shared driver: background, chunking, compositing with the background. A module, so that its state (an
+    occupancy grid) goes into the fit's checkpoints with the field."""
 
     def __init__(self, cfg: RenderConfig, bound: float):
+        super().__init__()
         self.cfg, self.bound = cfg, bound
 
     def update(self, step: int, field: Field) -> None:
-        """Per-training-step upkeep (the occupancy grid); nothing for renderers without state."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
+        """Upkeep at the start of each training step (the occupancy grid); nothing for renderers without state."""
 
     def render_rays(self, origins: Tensor, dirs: Tensor, field: Field, background: BackgroundFn,
                     shading_fn: ShadingFn, train: bool = False, generator: torch.Generator | None = None,
@@ -104,13 +151,25 @@ class _Renderer:
 
 
 class BatchedRenderer(_Renderer):
-    """Plain-PyTorch renderer: `samples_per_ray` equal intervals between near and far per ray."""
+    """Plain-PyTorch renderer: `samples_per_ray` equal intervals between near and far per ray. The field is only
+    queried at samples in occupied cells of an `OccupancyGrid` (refreshed every `grid_update_every` training steps);
+    the other samples have density 0, as nerfacc's marching skips them."""
+
+    def __init__(self, cfg: RenderConfig, bound: float):
+        super().__init__(cfg, bound)
+        self.grid = OccupancyGrid(cfg.grid_resolution, bound, cfg.occupancy_threshold, cfg.step_size(bound))
+
+    def update(self, step: int, field: Field) -> None:
+        if step % self.cfg.grid_update_every == 0 or not self.grid.ready:
+            self.grid.refresh(field, step)
 
     def _integrate(self, origins, dirs, near, far, field, shading_fn, train, generator, need_normals, offset):
         out = _empty_outputs(origins.shape[0], origins)
         hit = (far > near).nonzero().squeeze(1)  # only rays through the cube are marched
         if hit.numel() == 0:
             return out
+        if not self.grid.ready:  # a render before any training step (an export of a saved asset)
+            self.grid.refresh(field)
         sub = self._march(origins[hit], dirs[hit], near[hit], far[hit], hit + offset, field, shading_fn,
                           train, generator, need_normals)
         return {k: out[k].index_copy(0, hit, sub[k]) for k in OUTPUTS}
@@ -132,15 +191,26 @@ class BatchedRenderer(_Renderer):
         t, delta = self._sample(near, far, train, generator)  # (R, S) each
         points = rearrange(origins[:, None] + t[..., None] * dirs[:, None], "r s c -> (r s) c")  # (R*S, 3)
         ray_index = repeat(ray_ids, "r -> (r s)", s=S)
+        n = len(points)
+        occupied = self.grid(points).nonzero().squeeze(1)  # the samples the field is queried at
+        pts, rid = points[occupied], ray_index[occupied]
         if train or torch.is_grad_enabled():
-            density, rgb, normals = _query_samples(field, shading_fn, points, ray_index, need_normals, train)
-            w = self._weights(rearrange(density, "(r s) -> r s", s=S), delta)  # (R, S)
-        else:  # evaluation: shade (and take normals) only where a sample carries weight, often a tenth of them
-            w = self._weights(rearrange(field.query_density(points).float(), "(r s) -> r s", s=S), delta)
-            keep = (w.reshape(-1) > EVAL_MIN_WEIGHT).nonzero().squeeze(1)
-            _, rgb_kept, normals_kept = _query_samples(field, shading_fn, points[keep], ray_index[keep], need_normals, False)
-            rgb = points.new_zeros(len(points), 3).index_copy(0, keep, rgb_kept)
-            normals = None if normals_kept is None else points.new_zeros(len(points), 3).index_copy(0, keep, normals_kept)
+            density, albedo = field(pts)
+        else:  # evaluation: the albedo is taken below, only where it shows
+            density, albedo = field.query_density(pts), None
+        w = self._weights(rearrange(_scatter(density.float(), occupied, n), "(r s) -> r s", s=S), delta)  # (R, S)
+        # Only samples that carry weight are shaded and get normals (the normals' double backward is a quarter
+        # of a training step); the others add under MIN_WEIGHT each to a ray, behind the surface or in near-empty
+        # space, where a softplus density's gradient is as small as the density.
+        least = EVAL_MIN_WEIGHT if albedo is None else MIN_WEIGHT
+        shown = (w.detach().reshape(-1)[occupied] > least).nonzero().squeeze(1)  # rows of pts
+        if albedo is None:
+            albedo = field(pts[shown])[1]
+        else:
+            albedo = albedo[shown]
+        normals = field.normals(pts[shown], create_graph=train and torch.is_grad_enabled()) if need_normals else None
+        rgb = _scatter(shading_fn(albedo, normals, pts[shown], rid[shown]).float(), occupied[shown], n)
+        normals = None if normals is None else _scatter(normals.float(), occupied[shown], n)
         per_ray = lambda x: rearrange(x, "(r s) c -> r s c", s=S)
         out = {"rgb": einsum(w, per_ray(rgb), "r s, r s c -> r c"),
                "opacity": w.sum(-1, keepdim=True),
@@ -166,9 +236,10 @@ class NerfaccRenderer(_Renderer):
     """nerfacc occupancy-grid marching and packed rendering (CUDA); same outputs and maths.
 
     The grid (roi = the field's cube, `grid_resolution`^3, 1 level) starts empty: call
-    `update(step, field)` every training step (it refreshes the grid every `grid_update_every`
-    steps with occupancy = density * step size), and a first render refreshes it if nothing has.
-    nerfacc's stratified jitter and grid refresh draw from torch's global RNG, not `generator`.
+    `update(step, field)` at the start of every training step (it refreshes the grid every
+    `grid_update_every` steps with occupancy = density * step size), and a first render refreshes it if
+    nothing has. The estimator is a submodule, so checkpoints hold its grid. nerfacc's stratified jitter
+    and grid refresh draw from torch's global RNG, not `generator`.
     """
 
     def __init__(self, cfg: RenderConfig, bound: float, device: torch.device | str = "cuda"):
@@ -179,7 +250,6 @@ class NerfaccRenderer(_Renderer):
         roi = torch.tensor([-bound] * 3 + [bound] * 3, dtype=torch.float32)
         self.estimator = nerfacc.OccGridEstimator(roi_aabb=roi, resolution=cfg.grid_resolution, levels=1).to(device)
         self.step = cfg.step_size(bound)
-        self.ready = False  # has the grid been filled once?
 
     def _occupancy_fn(self, field: Field):
         return lambda x: field.query_density(x)[:, None] * self.step  # (N, 1): opacity of one step
@@ -188,19 +258,15 @@ class NerfaccRenderer(_Renderer):
         self.estimator.train()
         self.estimator.update_every_n_steps(step=step, occ_eval_fn=self._occupancy_fn(field),
                                             occ_thre=self.cfg.occupancy_threshold, n=self.cfg.grid_update_every)
-        self.ready = self.ready or step % self.cfg.grid_update_every == 0
+
+    @property
+    def ready(self) -> bool:
+        """Has the grid been filled (by an update, a refresh or a checkpoint)?"""
+        return bool(self.estimator.binaries.any())
 
     def refresh(self, field: Field) -> None:
         """Fill the whole grid from the field now (nerfacc's warm-up update of every cell)."""
         self.estimator._update(step=0, occ_eval_fn=self._occupancy_fn(field), occ_thre=self.cfg.occupancy_threshold)
-        self.ready = True
-
-    def state_dict(self) -> dict:
-        return self.estimator.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.estimator.load_state_dict(state)
-        self.ready = True
 
     def _integrate(self, origins, dirs, near, far, field, shading_fn, train, generator, need_normals, offset):
         if not self.ready:

@@ -71,6 +71,7 @@ def test_3d_writes_loadable_meshes_and_turntables(tiny_sd, tmp_path, recipe):
 
 
 def test_resume_continues_exactly(tiny_sd, tmp_path, recipe):
+    recipe = [*recipe, "render.grid_update_every=3"]  # the occupancy grid is refreshed at steps 0 and 3
     assert fit(tiny_sd, tmp_path / "straight", *recipe) == 0
     straight = load_file(str(only_run(tmp_path / "straight") / "asset.safetensors"))
     with ctrl_c_at(2):
@@ -78,6 +79,8 @@ def test_resume_continues_exactly(tiny_sd, tmp_path, recipe):
     d = only_run(tmp_path / "stopped")
     stopped = json.loads((d / "checkpoints" / "3d" / "progress.json").read_text())
     assert stopped["step"] == 2 and stopped["seconds"] > 0
+    grid = load_file(str(d / "checkpoints" / "3d" / "model.safetensors"))  # the grid steps 0-2 marched through
+    assert int(grid["renderer.grid.refreshed"]) == 0 and 0 < grid["renderer.grid.occupied"].float().mean() < 1
     assert run.main(["3d", "--resume", str(d), "--quiet"]) == 0
     # the metadata's fit time counts the stopped session as well as the resumed one
     fit_seconds = json.loads((d / "metadata.json").read_text())["timings_s"]["fit"]

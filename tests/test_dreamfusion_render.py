@@ -137,6 +137,63 @@ def test_orientation_penalty_is_zero_for_normals_facing_the_camera_and_weighted_
                                    rtol=0)
 
 
+class CountingField(BoxField):
+    """BoxField that counts the points its density is queried at."""
+
+    queried = 0
+
+    def forward(self, x):
+        self.queried += len(x)
+        return super().forward(x)
+
+
+def test_occupancy_grid_skips_empty_space_without_changing_the_image():
+    """A small box in a big cube: the grid marks only the cells around it, the field is queried at a fraction of
+    the samples, and the image is what rendering every sample gives."""
+    half = (0.3, 0.5, 0.2)
+    origins, dirs = (x.reshape(-1, 3) for x in camera_rays(orbit_cameras(3, elevation_deg=25.0, distance=4.0), 16))
+    renderer = BatchedRenderer(RenderConfig(samples_per_ray=48, grid_resolution=32), BOUND)
+    field = CountingField(3.0, half)
+    out = renderer.render_rays(origins, dirs, field, fixed_bg, albedo_only, train=True,
+                               generator=torch.Generator().manual_seed(0))
+    grid = renderer.grid
+    assert grid.ready and 0 < grid.fraction() < 0.1
+    # every cell that the box touches is occupied, and cells two or more cells away from it are not
+    centres = (torch.stack(torch.meshgrid(*[torch.arange(32)] * 3, indexing="ij"), -1) + 0.5) * (2 * BOUND / 32) - BOUND
+    gap = (centres.abs() - torch.tensor(half)).clamp(min=0).amax(-1)  # how far outside the box a centre is, per axis
+    cell = 2 * BOUND / 32
+    assert grid.occupied[gap < cell / 2].all() and not grid.occupied[gap > 2.5 * cell].any()
+    samples = int((out["opacity"] >= 0).sum()) * 48
+    marched = field.queried - 33**3  # the grid's refresh queried every corner
+    full = BatchedRenderer(RenderConfig(samples_per_ray=48, grid_resolution=32), BOUND)
+    full.grid.occupied.fill_(True)
+    full.grid.refreshed.fill_(0)
+    reference = full.render_rays(origins, dirs, BoxField(3.0, half), fixed_bg, albedo_only, train=True,
+                                 generator=torch.Generator().manual_seed(0))
+    assert 0 < marched < samples / 5
+    for key in ("rgb", "opacity", "depth"):
+        torch.testing.assert_close(out[key], reference[key])
+    assert (out["opacity"] > 0.5).any()
+
+
+def test_occupancy_grid_refreshes_every_n_steps_and_is_module_state():
+    cfg = RenderConfig(grid_resolution=8, grid_update_every=4)
+    renderer = BatchedRenderer(cfg, BOUND)
+    small, large = BoxField(3.0, (0.2, 0.2, 0.2)), BoxField(3.0, (1.0, 1.0, 1.0))
+    renderer.update(1, small)  # never refreshed: refresh now
+    first = renderer.grid.occupied.clone()
+    renderer.update(2, large)
+    renderer.update(3, large)
+    assert torch.equal(renderer.grid.occupied, first) and int(renderer.grid.refreshed) == 1
+    renderer.update(4, large)
+    assert renderer.grid.fraction() > first.float().mean() and int(renderer.grid.refreshed) == 4
+    state = renderer.state_dict()
+    assert set(state) == {"grid.occupied", "grid.refreshed"}
+    again = BatchedRenderer(cfg, BOUND)
+    again.load_state_dict(state)
+    assert torch.equal(again.grid.occupied, renderer.grid.occupied) and again.grid.ready
+
+
 def test_ray_aabb_starts_inside_rays_at_zero():
     near, far = ray_aabb(torch.zeros(1, 3), torch.tensor([[0.0, 1, 0]]), BOUND)
     assert near.item() == 0 and far.item() == pytest.approx(BOUND)
@@ -347,7 +404,7 @@ def _fake_nerfacc(samples_per_ray: int) -> types.ModuleType:
 
     class OccGridEstimator:
         def __init__(self, roi_aabb, resolution, levels):
-            self.updates = []
+            self.updates, self.binaries = [], torch.zeros(1, dtype=torch.bool)
 
         def to(self, device):
             return self
@@ -362,6 +419,7 @@ def _fake_nerfacc(samples_per_ray: int) -> types.ModuleType:
         def _update(self, step, occ_eval_fn, occ_thre):
             assert occ_eval_fn(torch.rand(10, 3)).shape == (10, 1)
             self.updates.append(step)
+            self.binaries[:] = True
 
         @torch.no_grad()
         def sampling(self, rays_o, rays_d, sigma_fn, t_min, t_max, render_step_size, alpha_thre, stratified):
@@ -419,14 +477,17 @@ def test_make_renderer_falls_back_to_batched_with_one_warning_when_nerfacc_canno
 
 
 def test_nerfacc_renderer_wiring_matches_batched_with_a_stand_in_nerfacc(monkeypatch):
+    import dreamfusion.renderer as renderer_module
+
     monkeypatch.setitem(sys.modules, "nerfacc", _fake_nerfacc(16))
+    monkeypatch.setattr(renderer_module, "MIN_WEIGHT", -1.0)  # the stand-in shades every sample: so must batched
     torch.manual_seed(0)
     cfg = FieldConfig(hidden=16, background="fixed")
     field, background = NeRFField(cfg), Background(cfg)
     origins, dirs = (x.reshape(-1, 3) for x in camera_rays(orbit_cameras(2, distance=3.0), 6))
     shading_fn = lambda albedo, normals, points, ray_index: shade(
         albedo, normals, points, torch.full_like(points, 5.0) * (1 + ray_index[:, None]), "lambertian", 0.1, 0.9)
-    render_cfg = RenderConfig(samples_per_ray=16, stratified=False)
+    render_cfg = RenderConfig(samples_per_ray=16, stratified=False, occupancy_threshold=0.0)  # the stand-in skips nothing
     nerfacc_renderer = NerfaccRenderer(render_cfg, cfg.bound, "cpu")
     a = nerfacc_renderer.render_rays(origins, dirs, field, background, shading_fn, need_normals=True, chunk=25)
     b = BatchedRenderer(render_cfg, cfg.bound).render_rays(origins, dirs, field, background, shading_fn,
@@ -533,18 +594,46 @@ def test_finite_difference_normals_match_autograd(encoding):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fd.parameters())
 
 
-def test_evaluation_renders_skip_weightless_samples_without_changing_the_image():
+@pytest.mark.parametrize("train", [False, True])
+def test_shading_only_weighted_samples_and_skipping_empty_cells_barely_change_the_image(train, monkeypatch):
+    """Against every sample shaded and every cell marched: the blob's image, its normals, the orientation loss
+    and the gradients of a training render agree."""
+    import dreamfusion.renderer as renderer_module
+
     torch.manual_seed(0)
     cfg = FieldConfig(hidden=16, background="fixed")
     field, background = NeRFField(cfg), Background(cfg)
-    cams = orbit_cameras(2, elevation_deg=20.0)
+    cams = orbit_cameras(2, elevation_deg=20.0, distance=3.0)
     origins, dirs = (x.reshape(-1, 3) for x in camera_rays(cams, 12))
     shading = sample_shading(10, ShadingConfig(ambient_only_steps=0, albedo_prob=0.0, textureless_prob=0.0), cams)
     shading_fn = lambda albedo, normals, points, ray_index: shade(
         albedo, normals, points, shading.light[0].expand_as(points), "lambertian", 0.1, 0.9)
-    renderer = BatchedRenderer(RenderConfig(samples_per_ray=32), cfg.bound)
-    full = renderer.render_rays(origins, dirs, field, background, shading_fn, train=False, need_normals=True)
-    with torch.no_grad():  # the pruned path
-        pruned = renderer.render_rays(origins, dirs, field, background, shading_fn, train=False, need_normals=True)
-    for k in ("rgb", "opacity", "depth", "normal"):
-        torch.testing.assert_close(pruned[k], full[k].detach(), atol=2e-3, rtol=0)
+
+    def render(min_weight: float | None, all_cells: bool):
+        if min_weight is not None:
+            monkeypatch.setattr(renderer_module, "MIN_WEIGHT", min_weight)
+            monkeypatch.setattr(renderer_module, "EVAL_MIN_WEIGHT", min_weight)
+        renderer = BatchedRenderer(RenderConfig(samples_per_ray=32, stratified=False), cfg.bound)
+        if all_cells:
+            renderer.grid.occupied.fill_(True)
+            renderer.grid.refreshed.fill_(0)
+        field.zero_grad()
+        with torch.set_grad_enabled(train):
+            out = renderer.render_rays(origins, dirs, field, background, shading_fn, train=train, need_normals=True)
+        if train:
+            (out["rgb"].sum() + out["orientation"].sum()).backward()
+        grads = torch.cat([p.grad.flatten() for p in field.parameters()]) if train else None
+        return out, grads, renderer.grid.fraction()
+
+    full, full_grads, _ = render(-1.0, all_cells=True)
+    monkeypatch.undo()
+    assert (full["opacity"] > 0.5).any() and (full["opacity"] < 0.01).any()
+    # shading only the samples that weigh over MIN_WEIGHT (EVAL_MIN_WEIGHT without gradients); then also skipping
+    # cells whose one-step alpha is under 1%, which cuts a little fog (nerfacc's occupancy test)
+    for all_cells, atol, cosine in [(True, 2e-3 if train else 1e-2, 0.9999), (False, 0.015, 0.999)]:
+        pruned, pruned_grads, fraction = render(None, all_cells=all_cells)
+        assert fraction < 0.5 or all_cells
+        for k in ("rgb", "opacity", "depth", "normal", "orientation"):  # depth: about 3 units times the opacity
+            torch.testing.assert_close(pruned[k].detach(), full[k].detach(), atol=atol * (4 if k == "depth" else 1), rtol=0)
+        if train:
+            assert torch.nn.functional.cosine_similarity(pruned_grads, full_grads, dim=0) > cosine

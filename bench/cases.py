@@ -15,6 +15,7 @@ import atexit
 import copy
 import functools
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -329,10 +330,19 @@ def asset_case(size: str, device: str, model: Optional[str] = None, s: Optional[
 
         def job():
             before = set(out.glob("3d/*"))
-            proc = subprocess.run([sys.executable, "run.py", "3d", IMAGE_PROMPT, *options, "--out", str(out), "--quiet"],
-                                  cwd=root, capture_output=True, text=True)
+            with tempfile.TemporaryFile("w+") as err:
+                proc = subprocess.Popen([sys.executable, "run.py", "3d", IMAGE_PROMPT, *options, "--out", str(out),
+                                         "--quiet"], cwd=root, stdout=subprocess.DEVNULL, stderr=err, text=True)
+                # wait4, not wait: the job's own peak RSS (this process's memory never sees the job's)
+                _, status, usage = os.wait4(proc.pid, 0)
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                err.seek(0)
+                stderr = err.read()
             if proc.returncode != 0:
-                raise RuntimeError(f"the 3d job ({name}) failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+                raise RuntimeError(f"the 3d job ({name}) failed: {(stderr.strip().splitlines() or ['?'])[-1]}")
+            kib = 1 if sys.platform != "darwin" else 1024  # ru_maxrss: KiB on Linux, bytes on macOS
+            peak = meta.setdefault(f"{name}_peak_rss_mib", 0.0)
+            meta[f"{name}_peak_rss_mib"] = max(peak, round(usage.ru_maxrss / kib / 1024, 1))
             [run_dir] = set(out.glob("3d/*")) - before
             metadata = json.loads((run_dir / "metadata.json").read_text())
             per_step.append(metadata["timings_s"]["fit"] / metadata["steps"])

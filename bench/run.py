@@ -193,6 +193,10 @@ def markdown(report: dict) -> str:
             against = f" against the baseline {r['baseline']}'s {base:.3f} s (ratio {r['ours_step_s'] / base:.2f})" if base else ""
             lines.append(f"- {r['case']}: the fit takes {r['ours_step_s']:.3f} s a step{against}; the asset's ratio above "
                          f"is the whole command's wall time, process start to turntables.")
+            if r.get("ours_peak_rss_mib"):
+                base = f" against the baseline's {r['peer_peak_rss_mib']:.0f} MiB" if r.get("peer_peak_rss_mib") else ""
+                lines.append(f"- {r['case']}: each run is a process of its own, so the peak memory column sees none of "
+                             f"it; the job's own peak RSS is {r['ours_peak_rss_mib']:.0f} MiB{base}.")
     for r in report["cases"]:
         if r.get("peer"):
             lines.append(f"- {r['case']}: peer is {r['peer']}, on the same modules, scheduler config and seed.")

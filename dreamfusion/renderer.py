@@ -99,7 +99,7 @@ class OccupancyGrid(nn.Module):
         self.occupied.copy_(F.max_pool3d(cells, 3, stride=1, padding=1)[0, 0] > 0)
         self.refreshed.fill_(step)
 
-    def __call__(self, points: Tensor) -> Tensor:
+    def forward(self, points: Tensor) -> Tensor:
         """Whether each point (M, 3) lies in an occupied cell (M,); points outside the cube are not."""
         r = self.resolution
         cell = ((points + self.bound) * (r / (2 * self.bound))).floor().long()

@@ -26,11 +26,6 @@ MESH_FORMATS = ("obj", "glb", "ply")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise UserError(f"unknown {name} '{value}': choose one of {', '.join(choices)}")
-
-
 def _range(name: str, lo_hi: tuple[float, ...]) -> None:
     if len(lo_hi) != 2 or lo_hi[0] > lo_hi[1]:
         raise UserError(f"{name} must be [low, high] with low <= high, got {list(lo_hi)}")
@@ -41,7 +36,7 @@ class FieldConfig:
     """The NeRF field (density and albedo at points) and its background."""
 
     bound: float = option(1.0, "the field lives in the cube [-bound, bound]^3 (density 0 outside)")
-    encoding: str = option("hashgrid", "point encoding: frequency (NeRF positional) or hashgrid (Instant-NGP)")
+    encoding: str = option("hashgrid", choices=ENCODINGS, help="point encoding: frequency (NeRF positional) or hashgrid (Instant-NGP)")
     frequencies: int = option(6, "frequency encoding: number of octaves (sin/cos of 2^k pi x)")
     frequency_anneal: float = option(0.0, "frequency encoding: open the octaves coarse to fine over this fraction "
                                           "of the steps (BARF / threestudio's progressive band); 0 opens all at once")
@@ -52,24 +47,19 @@ class FieldConfig:
     hash_max_resolution: int = option(256, "hashgrid: finest grid resolution")
     hidden: int = option(64, "width of the trunk MLP")
     layers: int = option(2, "hidden layers of the trunk MLP")
-    albedo_network: str = option("separate", "albedo from the density trunk (shared), or from an MLP of its own on "
+    albedo_network: str = option("separate", choices=("shared", "separate"), help="albedo from the density trunk (shared), or from an MLP of its own on "
                                              "the same encoding (separate: threestudio's density and feature networks)")
     blob_density: float = option(10.0, "Magic3D density blob: peak added to the raw density at the centre")
     blob_radius: float = option(0.5, "Magic3D density blob: radius where the added density crosses 0")
-    density_activation: str = option("softplus", "softplus, or exp (truncated exp with clamped gradient)")
-    normals: str = option("autograd", "normals from the density gradient: autograd (exact) or finite_difference")
+    density_activation: str = option("softplus", choices=DENSITY_ACTIVATIONS, help="softplus, or exp (truncated exp with clamped gradient)")
+    normals: str = option("autograd", choices=NORMALS, help="normals from the density gradient: autograd (exact) or finite_difference")
     normal_eps: float = option(0.01, "finite_difference normals: stencil size in world units")
-    background: str = option("mlp", "mlp (environment MLP over ray direction), fixed (grey) or random (per call)")
+    background: str = option("mlp", choices=BACKGROUNDS, help="mlp (environment MLP over ray direction), fixed (grey) or random (per call)")
     background_color: float = option(0.92, "grey level of the fixed background (and of random at eval)")
 
     def validate(self) -> None:
         if not self.bound > 0:
             raise UserError(f"field.bound must be positive, got {self.bound}")
-        _choice("field.encoding", self.encoding, ENCODINGS)
-        _choice("field.density_activation", self.density_activation, DENSITY_ACTIVATIONS)
-        _choice("field.background", self.background, BACKGROUNDS)
-        _choice("field.normals", self.normals, NORMALS)
-        _choice("field.albedo_network", self.albedo_network, ("shared", "separate"))
         if not self.normal_eps > 0:
             raise UserError(f"field.normal_eps must be positive, got {self.normal_eps}")
         for name in ("hash_levels", "hash_features", "hidden", "layers"):
@@ -169,7 +159,7 @@ class RenderConfig:
                                               "the density is above 0)")
     alpha_threshold: float = option(0.0, "skip samples whose alpha is below this (0 keeps all)")
     render_step_size: Optional[float] = option(None, "nerfacc: marching step (default 2 sqrt(3) bound / samples_per_ray)")
-    renderer: str = option("auto", "auto (nerfacc on CUDA, batched otherwise), batched or nerfacc")
+    renderer: str = option("auto", choices=RENDERERS, help="auto (nerfacc on CUDA, batched otherwise), batched or nerfacc")
     chunk: int = option(16384, "rays rendered at a time outside training (validation, turntables)")
 
     def validate(self) -> None:
@@ -182,7 +172,6 @@ class RenderConfig:
             raise UserError(f"render.alpha_threshold must be in [0, 1), got {self.alpha_threshold}")
         if self.render_step_size is not None and not self.render_step_size > 0:
             raise UserError(f"render.render_step_size must be positive, got {self.render_step_size}")
-        _choice("render.renderer", self.renderer, RENDERERS)
 
     def step_size(self, bound: float) -> float:
         """nerfacc's marching step: the cube's diagonal split into samples_per_ray steps by default."""
@@ -197,7 +186,7 @@ class GuidanceConfig:
     t_min: float = option(0.02, "smallest diffusion time sampled, as a fraction of the training steps")
     t_max: float = option(0.98, "largest diffusion time sampled at the start")
     t_max_end: Optional[float] = option(0.5, "anneal the largest time linearly to this by the last step (null: no annealing)")
-    weighting: str = option("sds", "w(t): sds (1 - alpha_bar, DreamFusion), uniform, or snr (sqrt(alpha_bar) * sigma)")
+    weighting: str = option("sds", choices=WEIGHTINGS, help="w(t): sds (1 - alpha_bar, DreamFusion), uniform, or snr (sqrt(alpha_bar) * sigma)")
     encode_size: Optional[int] = option(512, "renders are resized to this before the VAE encode (null: the prior's "
                                              "native size)")
     perp_neg: bool = option(False, "Perp-Neg: the other views' prompts as perpendicular negatives (against Janus faces)")
@@ -210,7 +199,6 @@ class GuidanceConfig:
         if not 0 <= self.t_min < min(self.t_max, t_end) <= 1 or max(self.t_max, t_end) > 1:
             raise UserError(f"need 0 <= guidance.t_min < t_max (and t_max_end) <= 1, got t_min={self.t_min}, "
                             f"t_max={self.t_max}, t_max_end={self.t_max_end}")
-        _choice("guidance.weighting", self.weighting, WEIGHTINGS)
         if self.encode_size is not None and self.encode_size < 8:
             raise UserError(f"guidance.encode_size must be at least 8 pixels, got {self.encode_size}")
 
@@ -236,7 +224,7 @@ class ExportOptions:
     mesh_resolution: int = option(256, "marching-cubes grid resolution per side")
     iso_level: Optional[float] = option(None, "density iso-level of the mesh (null: automatic, from the rendered opacity)")
     keep_components: int = option(1, "keep this many largest connected mesh components (0 keeps them all)")
-    formats: tuple[str, ...] = option(MESH_FORMATS, "mesh files to write: obj, glb, ply")
+    formats: tuple[str, ...] = option(MESH_FORMATS, choices=MESH_FORMATS, help="mesh files to write: obj, glb, ply")
     turntable_frames: int = option(48, "frames of the 360-degree turntable videos")
     turntable_fps: float = option(12.0, "frames per second of the turntable videos")
     turntable_size: int = option(256, "turntable frame size in pixels")
@@ -247,8 +235,7 @@ class ExportOptions:
             raise UserError(f"export.mesh_resolution must be at least 8, got {self.mesh_resolution}")
         if self.keep_components < 0:
             raise UserError(f"export.keep_components must be >= 0 (0 keeps every component), got {self.keep_components}")
-        unknown = [f for f in self.formats if f not in MESH_FORMATS]
-        if unknown or not self.formats:
+        if not self.formats:
             raise UserError(f"export.formats must list some of {', '.join(MESH_FORMATS)}, got {list(self.formats)}")
         if self.turntable_frames < 1 or self.turntable_size < 8 or not self.turntable_fps > 0:
             raise UserError("export.turntable_frames must be >= 1, turntable_size >= 8 and turntable_fps > 0")
@@ -262,7 +249,7 @@ class ThreeDConfig(PriorOptions):
     batch_size: int = option(1, "cameras (renders) per step")
     lr: float = option(1e-2, "Adam learning rate of the field and background (cosine decay to 10%)")
     warmup_steps: int = option(50, "linear learning-rate warm-up steps")
-    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
+    mixed_precision: str = option("auto", choices=MIXED_PRECISION, help="auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
     checkpoint_every: int = option(500, "save a resumable checkpoint every N steps (Ctrl-C also saves one)")
     val_every: int = option(250, "write validation renders every N steps (0: never)")
     max_minutes: Optional[float] = option(None, "wall-clock budget of the fit; it stops early, saves and exports")
@@ -284,7 +271,6 @@ class ThreeDConfig(PriorOptions):
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.val_every < 0 or self.warmup_steps < 0 or not self.lr > 0:
             raise UserError("val_every and warmup_steps must be >= 0 and lr > 0")
-        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         check_seed(self.seed)
 
 
@@ -299,7 +285,8 @@ def resume_free(key: str) -> bool:
 
 def _the_runs(name: str):
     """An export option that keeps the run's own value unless given (ExportOptions' help, its own default None)."""
-    return option(None, ExportOptions.__dataclass_fields__[name].metadata["help"] + " (default: the run's)")
+    meta = ExportOptions.__dataclass_fields__[name].metadata
+    return option(None, meta["help"] + " (default: the run's)", choices=meta.get("choices"))
 
 
 @dataclass

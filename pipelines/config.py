@@ -24,11 +24,13 @@ from .errors import UserError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def option(default: Any, help: str, **kwargs) -> Any:
-    """A dataclass field with a one-line help string (shown by --help)."""
+def option(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
+    """A dataclass field with a one-line help string (shown by --help) and, for a string or a list of strings, the
+    values it may take (checked by `build`; the web form makes them a dropdown)."""
+    metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def group(cls: type, help: str) -> Any:
@@ -80,8 +82,14 @@ def build(cls: type, data: dict, where: str = ""):
 
 
 def _build(cls: type, data: dict, prefix: str):
-    hints = typing.get_type_hints(cls)
-    return cls(**{key: _coerce(value, hints[key], prefix + key) for key, value in data.items()})
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    values = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
+    for key, value in values.items():
+        choices = fields[key].metadata.get("choices")
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if choices and item is not None and item not in choices:
+                raise UserError(f"unknown {prefix + key} '{item}': choose one of {', '.join(map(str, choices))}")
+    return cls(**values)
 
 
 def keys(cls: type, prefix: str = "") -> list[str]:
@@ -280,10 +288,20 @@ def job_defaults(cls: type, section: str | None = None):
     return build(cls, _layers(cls, section, {}))
 
 
-def load(cls: type, section: str | None, overrides: list[str], config_file: str | None = None):
-    """Dataclass defaults <- the model preset's section <- --config FILE <- key=value overrides."""
-    user = load_yaml(config_file) if config_file else {}
-    cfg = build(cls, _layers(cls, section, merge(user, parse_overrides(overrides))))
+def model_job_defaults(cls: type, section: str | None, model: str):
+    """The options `run.py JOB model=MODEL` runs with: the dataclass defaults and that model's section."""
+    return build(cls, _layers(cls, section, {"model": model}))
+
+
+def from_dict(cls: type, section: str | None, user: dict):
+    """Dataclass defaults <- the model preset's section <- `user` (nested), validated."""
+    cfg = build(cls, _layers(cls, section, user))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def load(cls: type, section: str | None, overrides: list[str], config_file: str | None = None):
+    """Dataclass defaults <- the model preset's section <- --config FILE <- key=value overrides."""
+    user = load_yaml(config_file) if config_file else {}
+    return from_dict(cls, section, merge(user, parse_overrides(overrides)))

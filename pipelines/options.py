@@ -28,9 +28,9 @@ class PriorOptions:
     model: str = option("toyworld", "model preset (configs/models/), local diffusers folder, or hub id")
     revision: Optional[str] = option(None, "hub revision (branch, tag or commit) when model is a hub id")
     device: str = option("auto", "auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto (bf16 on capable GPUs, fp32 on CPU), fp32, fp16 or bf16")
+    dtype: str = option("auto", choices=("auto", *DTYPES), help="auto (bf16 on capable GPUs, fp32 on CPU), fp32, fp16 or bf16")
     allow_pickle: bool = option(False, "allow .bin/.ckpt/.pt pickle weights (loaded with weights_only)")
-    beta_schedule: Optional[str] = option(None, "noise schedule override: linear, scaled_linear or cosine (default: the model's)")
+    beta_schedule: Optional[str] = option(None, choices=BETA_SCHEDULES, help="noise schedule override: linear, scaled_linear or cosine (default: the model's)")
     fuse_qkv: bool = option(True, "fuse each attention's q, k and v projections into one matmul (fast path; false: off)")
     channels_last: Optional[bool] = option(None, "UNet and VAE in channels_last memory format (fast path; default: on CUDA)")
     compile: bool = option(False, "torch.compile the UNet for static shapes (fast path on GPU; the first run compiles, "
@@ -41,10 +41,6 @@ class PriorOptions:
     def validate(self) -> None:
         if not self.model.strip():
             raise UserError("model is empty: name a preset, a local folder or a hub id")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise UserError(f"unknown dtype '{self.dtype}': use auto, fp32, fp16 or bf16")
-        if self.beta_schedule is not None and self.beta_schedule not in BETA_SCHEDULES:
-            raise UserError(f"unknown beta_schedule '{self.beta_schedule}': choose one of {', '.join(BETA_SCHEDULES)}")
         if self.cuda_graphs and not self.compile:
             raise UserError("cuda_graphs=true replays the compiled UNet, so it needs compile=true as well")
 
@@ -54,7 +50,7 @@ class SamplingOptions(PriorOptions):
     """How to sample from the prior: shared by the image and video jobs."""
 
     negative: str = option("", "negative prompt (what to steer away from)")
-    sampler: str = option("ddim", f"sampler: {', '.join(SAMPLERS)}")
+    sampler: str = option("ddim", choices=SAMPLERS, help=f"sampler: {', '.join(SAMPLERS)}")
     steps: int = option(25, "number of denoising steps")
     guidance: float = option(7.5, "classifier-free guidance scale (1 disables guidance)")
     seed: int = option(0, "random seed; the same seed and config give the same output")
@@ -64,8 +60,6 @@ class SamplingOptions(PriorOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.sampler not in SAMPLERS:
-            raise UserError(f"unknown sampler '{self.sampler}': choose one of {', '.join(SAMPLERS)}")
         if self.steps < 1:
             raise UserError(f"steps must be at least 1, got {self.steps}")
         check_seed(self.seed)
@@ -111,7 +105,7 @@ class ImageConfig(SamplingOptions):
 class TrainingOptions:
     """Options every trainer shares: precision, accumulation, checkpoints, budget, seed, device, outputs."""
 
-    mixed_precision: str = option("auto", "auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
+    mixed_precision: str = option("auto", choices=("auto", "no", "fp16", "bf16"), help="auto (bf16 on CUDA, none on CPU), no, fp16 or bf16")
     grad_accum: int = option(1, "gradient accumulation steps")
     checkpoint_every: int = option(1000, "save a resumable checkpoint every N steps")
     max_minutes: Optional[float] = option(None, "wall-clock budget; training stops early and saves")
@@ -124,6 +118,4 @@ class TrainingOptions:
         for name in ("grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise UserError(f"mixed_precision must be auto, no, fp16 or bf16, got '{self.mixed_precision}'")
         check_seed(self.seed)

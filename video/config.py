@@ -88,10 +88,10 @@ class TrainTemporalConfig(TrainingOptions):
     caption_dropout: float = option(0.1, "fraction of captions replaced by '' (classifier-free guidance)")
     ema_decay: float = option(0.999, "EMA decay of the temporal weights (0 disables EMA)")
     layers: LayerOptions = group(LayerOptions, "the temporal layers' architecture")
-    mask_mode: str = option("none", "known-frame conditioning to train: none, first (image-to-video), "
+    mask_mode: str = option("none", choices=MASK_MODES, help="known-frame conditioning to train: none, first (image-to-video), "
                                     "interpolation (every k-th frame known, k in 2..4) or mixed (half each)")
     init: Optional[str] = option(None, "temporal layers to start from (e.g. trained ones, to fine-tune for interpolation)")
-    loss_weighting: str = option("v", "v: the epsilon error weighted by 1/alpha_bar(t) (clipped at max_loss_weight), "
+    loss_weighting: str = option("v", choices=LOSS_WEIGHTINGS, help="v: the epsilon error weighted by 1/alpha_bar(t) (clipped at max_loss_weight), "
                                       "which weights the noisy steps where layout and motion are decided; eps: plain "
                                       "DDPM (a v-prediction prior trains against v, its error counted in epsilon units)")
     max_loss_weight: float = option(20.0, "clip of the v weighting's 1/alpha_bar(t)")
@@ -107,10 +107,8 @@ class TrainTemporalConfig(TrainingOptions):
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.fps_choices or min(self.fps_choices) <= 0:
             raise UserError("fps_choices must list positive frame rates")
-        if self.mask_mode not in MASK_MODES:
-            raise UserError(f"mask_mode must be one of {', '.join(MASK_MODES)}, got '{self.mask_mode}'")
-        if self.loss_weighting not in LOSS_WEIGHTINGS or self.max_loss_weight < 1:
-            raise UserError(f"loss_weighting must be eps or v (and max_loss_weight >= 1), got {self.loss_weighting}")
+        if self.max_loss_weight < 1:
+            raise UserError(f"max_loss_weight must be at least 1, got {self.max_loss_weight}")
         first, last = self.noise_start_timesteps if len(self.noise_start_timesteps) == 2 else (-1, -1)
         if not 0 <= first < last:
             raise UserError(f"noise_start_timesteps must be [first, last) with 0 <= first < last, "
@@ -134,5 +132,5 @@ class TrainInterpolationConfig(TrainTemporalConfig):
     # interpolate=k runs the in-between pass at k times the clip's rate: train the rates it sees (8 fps x 4 = 32)
     fps_choices: tuple[float, ...] = option((4.0, 8.0, 12.0, 16.0, 24.0, 32.0), "frame rates clips are sampled at "
                                                                                 "(fps conditioning)")
-    mask_mode: str = option("mixed", "known-frame conditioning to train: first (image-to-video), interpolation "
+    mask_mode: str = option("mixed", choices=MASK_MODES, help="known-frame conditioning to train: first (image-to-video), interpolation "
                                      "(every k-th frame known, k in 2..4) or mixed (half each)")

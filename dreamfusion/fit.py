@@ -23,6 +23,7 @@ from pipelines.config import changed, job_defaults
 from pipelines.errors import UserError
 from pipelines.loading import load_safetensors
 from pipelines.media import save_image, to_pil, write_mp4
+from pipelines.progress import Bar
 from pipelines.prior import Conditioning, Prior
 from pipelines.rundir import RunDir
 from pipelines.runtime import Timer, atomic_path, pick_device, write_json
@@ -240,11 +241,13 @@ def export_asset(asset: Asset, renderer, cfg: ThreeDConfig, folder: Path, progre
                         device=device)
     files = write_meshes(mesh, folder, out.formats)
     cams = turntable_cameras(out.turntable_frames, cfg, device)
+    chunks = range(0, len(cams), 8)
     nerf = torch.cat([render_views(asset, renderer, cams[i:i + 8], out.turntable_size, cfg)
-                      for i in range(0, len(cams), 8)]).cpu()
+                      for i in Bar(chunks, desc="turntable", disable=not progress, leave=False)]).cpu()
     files["turntable"] = write_mp4(folder / "turntable.mp4", nerf, out.turntable_fps)
-    meshes = render_mesh(mesh, cams.azimuth_deg.cpu(), cams.elevation_deg.cpu(), cams.distance.cpu(), cams.fov_deg.cpu(),
-                         out.turntable_size)
+    pose = [x.cpu() for x in (cams.azimuth_deg, cams.elevation_deg, cams.distance, cams.fov_deg)]
+    meshes = torch.cat([render_mesh(mesh, *(x[i:i + 8] for x in pose), out.turntable_size)
+                        for i in Bar(chunks, desc="mesh turntable", disable=not progress, leave=False)])
     files["mesh_turntable"] = write_mp4(folder / "mesh_turntable.mp4", meshes, out.turntable_fps)
     write_json(folder / "mesh.json", {"iso_level": level, "automatic": out.iso_level is None, "vertices": len(mesh.vertices),
                                       "faces": len(mesh.faces), "watertight": bool(mesh.is_watertight),

@@ -6,7 +6,7 @@ import inspect
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from tqdm.auto import tqdm
+from .progress import Bar
 
 from .prior import Conditioning, Prior
 from .schedulers import make_scheduler
@@ -49,7 +49,7 @@ def sample(prior: Prior, text: Conditioning, latents: torch.Tensor, sampler: str
     params = inspect.signature(scheduler.step).parameters.values()
     takes = any(p.name == "generator" or p.kind == p.VAR_KEYWORD for p in params)
     step_kwargs = {"generator": generator} if takes else {}
-    for t in tqdm(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
+    for t in Bar(timesteps, desc=f"{sampler} sampling", disable=not progress, leave=False):
         if given is not None:
             clean, mask = given
             noised = scheduler.add_noise(clean, initial_noise(clean.shape, generator, clean.device).to(clean.dtype),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from .progress import Bar
 
 from .config import changed, job_defaults
 from .errors import UserError
@@ -99,7 +99,7 @@ def run_stage(accel, stage: Stage, objective, params, batch_fn, cfg, run_dir: Pa
         earlier = restored["seconds"]
         if log is not None:
             log[:] = restored["log"]  # the history up to the checkpoint, whatever was written after it
-    bar = tqdm(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
+    bar = Bar(range(start, stage.steps), initial=start, total=stage.steps, desc=f"train {stage.name}",
                disable=not (progress and accel.is_main_process))
     step, running, count, done = start, 0.0, 0, start
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipelines.config import to_dict
 from pipelines.errors import UserError
+from pipelines.page import write_index
 from pipelines.rundir import RunDir, new_folder
 from pipelines.runtime import UMASK, command_line, pick_device, write_yaml
 
@@ -51,5 +52,7 @@ def main(cfg: ExportConfig, run_dir: Path, progress: bool = True) -> Path:
         if folder is not None and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # claimed, but the rename did not happen
         raise
+    write_index(folder, "export")
+    run.write_index()  # the run's page links its exports
     logger.info("exported to %s", folder)
     return folder

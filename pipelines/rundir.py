@@ -17,6 +17,7 @@ from typing import Callable
 
 from .config import build, flatten, load_yaml, to_dict, unflatten
 from .errors import UserError
+from .page import write_index
 from .runtime import command_line, slugify, versions, write_json, write_text, write_yaml
 
 logger = logging.getLogger(__name__)
@@ -41,24 +42,38 @@ class RunDir:
     """`with RunDir.create(...) as run:` a run this session made that fails (an error, Ctrl-C) removes its folder,
     unless `run.keep()` says it holds what a resume needs; then it says how to continue."""
 
-    def __init__(self, path: str | Path, fresh: bool = False):
-        self.path, self.fresh = Path(path), fresh
+    def __init__(self, path: str | Path, fresh: bool = False, job: str | None = None):
+        self.path, self.fresh, self.job = Path(path), fresh, job or Path(path).parent.name
         self.keep: Callable[[], bool] = lambda: False
 
     def __enter__(self) -> RunDir:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is None or not self.fresh:
+        if kind is None:
+            self.write_index()
             return
+        if not self.fresh:
+            return self._index_quietly()
         try:
             keep = self.keep()
         except Exception:  # cannot tell (say, a damaged checkpoint): keep the folder rather than lose work
             keep = True
         if keep:
+            self._index_quietly()
             logger.warning("stopped: %s keeps what a resume needs; continue with --resume %s", self.path, self.path)
         else:
             shutil.rmtree(self.path, ignore_errors=True)
+
+    def write_index(self) -> Path:
+        """index.html: the folder's own page of its outputs and config, for a browser with no server."""
+        return write_index(self.path, self.job)
+
+    def _index_quietly(self) -> None:  # while an error is on its way out: that error is the one to report
+        try:
+            self.write_index()
+        except Exception as e:
+            logger.warning("could not write %s: %s", self.path / "index.html", e)
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -76,12 +91,12 @@ class RunDir:
             raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
         if not os.access(root, os.W_OK):
             raise UserError(f"output directory {root} is not writable; pass --out DIR with a writable DIR")
-        return cls(new_folder(root, f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(name)}", "run"), fresh=True)
+        return cls(new_folder(root, f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(name)}", "run"), fresh=True, job=job)
 
     @classmethod
     def existing(cls, path: str | Path, job: str) -> RunDir:
         """A run folder made earlier (it has a config.yaml), or one line saying it is not one."""
-        run = cls(path)
+        run = cls(path, job=job)
         if not (run / "config.yaml").is_file():
             raise UserError(f"{run.path} is not a {job} run directory (no config.yaml)")
         return run

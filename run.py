@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import importlib
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import config
-from pipelines.errors import UserError
+from pipelines.errors import UserError, disk_error
 
 
 @dataclass(frozen=True)
@@ -56,6 +54,8 @@ JOBS: dict[str, dict[str | None, Job]] = {
                      section="3d", prompt=True)},
     "export": {None: Job("dreamfusion.config:ExportConfig", "dreamfusion.reexport",
                          "re-export a 3d run (or its last checkpoint) with other mesh/turntable settings", run_dir=True)},
+    "ui": {None: Job("ui.config:UIConfig", "ui.app",
+                     "the web app: every job from a browser, and the gallery of runs (127.0.0.1:7860)")},
     "train": {
         "prior": Job("toyworld.config:TrainPriorConfig", "toyworld.train_prior",
                      "the ToyWorld prior (VAE, text encoder, UNet) from rendered data"),
@@ -125,6 +125,8 @@ def build_parser(detailed: str | None = None) -> Parser:
         resumable = any("resume" in {f.name for f in dataclasses.fields(v.cls())} for v in variants.values())
         if None in variants and variants[None].run_dir:
             p.add_argument("args", nargs="*", metavar="RUN_DIR | key=value", help="the run directory, then option overrides")
+        elif None in variants and not variants[None].prompt:
+            p.add_argument("args", nargs="*", metavar="key=value", help="option overrides")
         elif None in variants:
             p.add_argument("args", nargs="*", metavar="PROMPT | key=value",
                            help="the prompt, then option overrides; a prompt with an '=' goes last, after --: "
@@ -250,20 +252,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {reason}; free some space or pass --out DIR", file=sys.stderr)
         return 2
-
-
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def disk_error(e: Exception) -> str | None:
-    """'cannot write ...' when `e` says the disk is full or read-only, else None: an OSError with that errno, or
-    safetensors' SafetensorError, which wraps the OS error in its text ("... (os error 28)")."""
-    if isinstance(e, OSError):
-        return f"cannot write {e.filename or 'the output'}: {e.strerror}" if e.errno in DISK_ERRNOS else None
-    code = re.search(r"\(os error (\d+)\)", str(e))
-    if code and int(code[1]) in DISK_ERRNOS:
-        return f"cannot write the output: {os.strerror(int(code[1]))}"
-    return None
 
 
 if __name__ == "__main__":

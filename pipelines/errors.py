@@ -1,5 +1,24 @@
-"""The one exception type that reaches the user as a one-line message (exit status 2)."""
+"""The one exception type that reaches the user as a one-line message (exit status 2), and the disk errors
+that are told the same way."""
+
+import errno
+import os
+import re
 
 
 class UserError(Exception):
     """Bad input the user can fix: printed as one line by run.py, never with a traceback."""
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error(e: Exception) -> str | None:
+    """'cannot write ...' when `e` says the disk is full or read-only, else None: an OSError with that errno, or
+    safetensors' SafetensorError, which wraps the OS error in its text ("... (os error 28)")."""
+    if isinstance(e, OSError):
+        return f"cannot write {e.filename or 'the output'}: {e.strerror}" if e.errno in DISK_ERRNOS else None
+    code = re.search(r"\(os error (\d+)\)", str(e))
+    if code and int(code[1]) in DISK_ERRNOS:
+        return f"cannot write the output: {os.strerror(int(code[1]))}"
+    return None

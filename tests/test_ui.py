@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-gr = pytest.importorskip("gradio")
+import gradio as gr
 
-import run  # noqa: E402
-from pipelines import config  # noqa: E402
-from pipelines.errors import UserError  # noqa: E402
-from tests.tiny import probe  # noqa: E402
-from ui.app import TABS, App, build, launch_options  # noqa: E402
-from ui.form import COMMON, SKIP, Form  # noqa: E402
+import run
+from pipelines import config
+from pipelines.errors import UserError
+from tests.tiny import probe
+from ui.app import TABS, App, build, launch_options
+from ui.form import COMMON, SKIP, Form
 
 # ToyWorld, sized for a test: a few steps, tiny renders and exports.
 TINY = {"image": {"steps": 3},
@@ -96,6 +96,9 @@ def test_model_and_its_recipe():
     # A form switched to sd15 shows sd15's defaults; a value typed there is kept, even one equal to ToyWorld's.
     typed = f.config(values(f, "sd15", steps=600), shown_model="sd15")
     assert typed == dataclasses.replace(sd15, steps=600)
+    # Switching the model's dropdown: untouched options take the new model's defaults, changed ones stay.
+    switched = f.switch(values(f, seed=5), "toyworld", "sd15")
+    assert f.config(switched, shown_model="sd15") == dataclasses.replace(sd15, seed=5)
 
 
 def test_run_again_refills_the_form(tiny_sd):
@@ -126,9 +129,7 @@ def test_cancel_stops_a_fit_as_ctrl_c_does_and_it_resumes(tmp_path):
     assert ("train 3d", (3, 6)) in seen and not any(d == "turntable" for d, _ in seen)
 
     seen.clear()
-    resumed = f.config(values(f))
-    resumed.resume = str(folder)
-    assert app.run_job(tab, resumed, None, lambda done, desc="": seen.append((desc, done))) == folder
+    assert app.resume(folder, lambda done, desc="": seen.append((desc, done))) == folder  # the Runs tab's Resume
     assert (folder / "mesh.glb").is_file() and (folder / "index.html").is_file()
     steps = [done for desc, done in seen if desc == "train 3d"]
     assert steps[0] == (3, 6) and steps[-1] == (6, 6)  # continued from the checkpoint, not from 0
@@ -220,8 +221,9 @@ def test_api_bad_value_is_an_error_and_writes_nothing(live, api_runs):
 def browser():
     if CHROMIUM is None:
         pytest.skip("no chromium executable (apt-get install chromium; .ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--enable-unsafe-swiftshader"])
         yield chromium
         chromium.close()

@@ -147,6 +147,13 @@ class App:
             return found["video"], found["gif"], str(run)
         return found["model"], found["turntable"], found["files"], str(run)
 
+    def resume(self, run: Path, progress: gr.Progress) -> Path:
+        """Continue an interrupted 3D run with its own options, as `run.py 3d --resume RUN_DIR`."""
+        form = self.forms["3d"]
+        cfg = form.config(form.defaults_for(form.model))
+        cfg.resume = str(run)
+        return self.run_job(next(t for t in TABS if t.job == "3d"), cfg, None, progress)
+
     def cancel(self) -> None:
         self.stop.set()
 
@@ -228,10 +235,8 @@ def _tab(app: App, tab: Tab, tabs: gr.Tabs) -> dict:
     model_field = fields[[i.key for i in form.ordered].index("model")]
 
     def switch_model(model, *values_and_shown):
-        """A new model: options still at the old model's defaults take the new model's."""
         *values, old = values_and_shown
-        before, after = form.defaults_for(old), form.defaults_for(model or form.model)
-        return [*(a if v == b else v for v, b, a in zip(values, before, after)), model or form.model]
+        return [*form.switch(values, old, model), model or form.model]
 
     model_field.input(switch_model, inputs=[model_field, *fields, shown_model], outputs=[*fields, shown_model],
                       api_visibility="private", queue=False)
@@ -295,11 +300,7 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
         return [gr.Tabs(selected=next(f"tab-{t.name}" for t in TABS if t.job == run["job"])), *values]
 
     def resumed(run, progress=gr.Progress()):
-        form, tab = app.forms["3d"], next(t for t in TABS if t.job == "3d")
-        cfg = form.config(form.defaults_for(form.model), form.model)
-        cfg.resume = run["path"]  # the run's own options, as `run.py 3d --resume RUN_DIR`
-        path = app.run_job(tab, cfg, None, progress)
-        found = outputs_of("3d", path)
+        found = outputs_of("3d", app.resume(Path(run["path"]), progress))
         return (gr.update(value=found["turntable"], visible=True), gr.update(value=found["model"], visible=True),
                 gr.update(value=found["files"], visible=True), gr.update(visible=False))
 

@@ -140,6 +140,12 @@ class Form:
         chosen["model"] = str(given.get("model") or "").strip() or self.model
         return config.from_dict(self.cls, self.section, config.unflatten(chosen))
 
+    def switch(self, values: list, old: str, new: str) -> list:
+        """The form's values when its model changes from `old` to `new`: options still at `old`'s defaults take
+        `new`'s, options the user changed keep their values."""
+        before, after = self.defaults_for(old or self.model), self.defaults_for(new or self.model)
+        return [a if v == b else v for v, b, a in zip(values, before, after)]
+
     @property
     def model(self) -> str:
         """The model a plain command uses."""

@@ -68,7 +68,7 @@ def component(inp: Input, shown) -> gr.components.Component:
     if inp.kind == "list" and inp.choices:
         return gr.CheckboxGroup(choices=list(inp.choices), **common)
     if inp.choices:
-        return gr.Dropdown(choices=([""] if inp.optional else []) + list(inp.choices), **common)
+        return gr.Dropdown(choices=([("default", "")] if inp.optional else []) + [(c, c) for c in inp.choices], **common)
     if inp.kind in ("int", "float"):
         return gr.Number(precision=0 if inp.kind == "int" else None, **common)
     return gr.Textbox(**common)

@@ -103,9 +103,10 @@ def model_choices() -> list[str]:
     return list(config.model_presets())
 
 
-def motion_choices() -> list[str]:
+def motion_choices() -> list:
+    """(label, value) pairs: the model preset's own layers (blank), the presets' layers, known AnimateDiff adapters."""
     shipped = [p.motion for p in config.model_presets().values() if p.motion]
-    return ["", *dict.fromkeys([*shipped, *MOTIONS])]
+    return [("the model preset's", ""), *((m, m) for m in dict.fromkeys([*shipped, *MOTIONS]))]
 
 
 class Form:

@@ -252,11 +252,11 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
         with gr.Row():
             with gr.Column():
                 title = gr.Markdown()
-                config_text = gr.Code(label="config.yaml", language="yaml", interactive=False)
+                config_text = gr.Code(label="config.yaml", language="yaml", interactive=False, max_lines=24)
             with gr.Column():
                 images = gr.Gallery(label="images", columns=2, visible=False)
                 video = gr.Video(label="video", visible=False)
-                model = gr.Model3D(label="mesh.glb", visible=False)
+                model = gr.Model3D(label="mesh.glb", visible=False, height=360, elem_id="runs-viewer")
                 files = gr.File(label="files", file_count="multiple", visible=False)
                 with gr.Row():
                     again = gr.Button("Run again", visible=False)

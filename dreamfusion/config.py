@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from pipelines.config import group, option
+from pipelines.config import check_choices, group, option
 from pipelines.errors import UserError
 from pipelines.options import PriorOptions, check_seed
 
@@ -58,6 +58,7 @@ class FieldConfig:
     background_color: float = option(0.92, "grey level of the fixed background (and of random at eval)")
 
     def validate(self) -> None:
+        check_choices(self, "field.")
         if not self.bound > 0:
             raise UserError(f"field.bound must be positive, got {self.bound}")
         if not self.normal_eps > 0:
@@ -163,6 +164,7 @@ class RenderConfig:
     chunk: int = option(16384, "rays rendered at a time outside training (validation, turntables)")
 
     def validate(self) -> None:
+        check_choices(self, "render.")
         for name in ("resolution", "samples_per_ray", "grid_resolution", "grid_update_every", "chunk"):
             if getattr(self, name) < 1:
                 raise UserError(f"render.{name} must be at least 1, got {getattr(self, name)}")
@@ -193,6 +195,7 @@ class GuidanceConfig:
     perp_neg_weight: float = option(1.0, "weight of each Perp-Neg negative direction")
 
     def validate(self) -> None:
+        check_choices(self, "guidance.")
         if not self.scale >= 0 or self.scale == float("inf"):
             raise UserError(f"guidance.scale must be a finite number >= 0, got {self.scale}")
         t_end = self.t_max if self.t_max_end is None else self.t_max_end
@@ -231,6 +234,7 @@ class ExportOptions:
     turntable_elevation: float = option(15.0, "camera elevation of the turntables, degrees")
 
     def validate(self) -> None:
+        check_choices(self, "export.")
         if self.mesh_resolution < 8:
             raise UserError(f"export.mesh_resolution must be at least 8, got {self.mesh_resolution}")
         if self.keep_components < 0:

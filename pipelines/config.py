@@ -26,7 +26,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 def option(default: Any, help: str, choices: tuple | None = None, **kwargs) -> Any:
     """A dataclass field with a one-line help string (shown by --help) and, for a string or a list of strings, the
-    values it may take (checked by `build`; the web form makes them a dropdown)."""
+    values it may take (`check_choices`, from the config's `validate`; the web form makes them a dropdown)."""
     metadata = {"help": help, **({"choices": tuple(choices)} if choices else {})}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
@@ -82,14 +82,18 @@ def build(cls: type, data: dict, where: str = ""):
 
 
 def _build(cls: type, data: dict, prefix: str):
-    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-    values = {key: _coerce(value, hints[key], prefix + key) for key, value in data.items()}
-    for key, value in values.items():
-        choices = fields[key].metadata.get("choices")
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _coerce(value, hints[key], prefix + key) for key, value in data.items()})
+
+
+def check_choices(cfg, prefix: str = "") -> None:
+    """Each option of config `cfg` (not of its nested groups, which check their own) that declares `choices` holds
+    one of them, or, for a list, only them. Configs call it from `validate`; `prefix` names their group."""
+    for f in dataclasses.fields(cfg):
+        choices, value = f.metadata.get("choices"), getattr(cfg, f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if choices and item is not None and item not in choices:
-                raise UserError(f"unknown {prefix + key} '{item}': choose one of {', '.join(map(str, choices))}")
-    return cls(**values)
+                raise UserError(f"unknown {prefix}{f.name} '{item}': choose one of {', '.join(map(str, choices))}")
 
 
 def keys(cls: type, prefix: str = "") -> list[str]:

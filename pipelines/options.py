@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import option
+from .config import check_choices, option
 from .errors import UserError
 from .schedulers import BETA_SCHEDULES, SAMPLERS
 
@@ -39,6 +39,7 @@ class PriorOptions:
                                       "reduce-overhead mode: less launch overhead at fixed shapes, more memory held)")
 
     def validate(self) -> None:
+        check_choices(self)
         if not self.model.strip():
             raise UserError("model is empty: name a preset, a local folder or a hub id")
         if self.cuda_graphs and not self.compile:
@@ -115,6 +116,7 @@ class TrainingOptions:
     save_to: Optional[str] = option(None, "also install the trained folder here (e.g. models/toyworld)")
 
     def validate(self) -> None:
+        check_choices(self)
         for name in ("grad_accum", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -53,8 +53,8 @@ class RunDir:
         if kind is None:
             self.write_index()
             return
-        if not self.fresh:
-            return self._index_quietly()
+        if not self.fresh:  # a run made earlier, which failed to continue: left as it was
+            return
         try:
             keep = self.keep()
         except Exception:  # cannot tell (say, a damaged checkpoint): keep the folder rather than lose work

@@ -145,7 +145,7 @@ CASES = [
     ("export", ["NOWHERE"], "not a 3d run directory"),
     ("export", ["FINISHED", "FINISHED"], "takes one run directory"),
     ("export", ["FINISHED", "mesh_resolution=4"], "export.mesh_resolution must be at least 8"),
-    ("export", ["FINISHED", "formats=[stl]"], "unknown formats 'stl': choose one of obj, glb, ply"),
+    ("export", ["FINISHED", "formats=[stl]"], "unknown export.formats 'stl': choose one of obj, glb, ply"),
     ("export", ["FINISHED", "iso_level=1e9"], "no surface at iso-level"),
     ("export", ["ASSET_TRUNCATED"], "truncated or corrupt"),
     ("export", ["ASSET_NAN"], "non-finite weights"),

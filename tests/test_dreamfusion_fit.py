@@ -101,7 +101,8 @@ def test_export_reexports_with_other_settings(tiny_3d_runs, tmp_path, capsys):
     d = Path(shutil.copytree(tiny_3d_runs[0], tmp_path / "run"))  # a finished fit with TINY's settings
     assert run.main(["export", str(d), "mesh_resolution=20", "formats=[ply]", "turntable_frames=2", "--quiet"]) == 0
     [e] = [p for p in d.iterdir() if p.name.startswith("export-")]
-    assert sorted(p.name for p in e.iterdir()) == ["config.yaml", "mesh.json", "mesh.ply", "mesh_turntable.mp4", "turntable.mp4"]
+    assert sorted(p.name for p in e.iterdir()) == ["config.yaml", "index.html", "mesh.json", "mesh.ply",
+                                                   "mesh_turntable.mp4", "turntable.mp4"]
     assert json.loads((e / "mesh.json").read_text())["mesh_resolution"] == 20
     assert probe(e / "turntable.mp4")["frames"] == 2 and probe(e / "mesh_turntable.mp4")["frames"] == 2
     # options not given keep the run's own (mesh_resolution=24, turntable_frames=3 from TINY)

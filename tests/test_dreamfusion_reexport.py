@@ -79,13 +79,14 @@ def test_concurrent_exports_of_one_run_all_succeed_in_distinct_folders(tmp_path,
     for t in threads:
         t.join()
     assert codes == [0, 0, 0]
-    folders = sorted(p.name for p in d.iterdir() if p.name not in before)
+    folders = sorted(p.name for p in d.iterdir() if p.name not in before and p.is_dir())
     assert folders == ["export-20260102-030405", "export-20260102-030405~2", "export-20260102-030405~3"]
     (tmp_path / "plain").mkdir()  # an export folder gets the mode of any folder made here (not mkdtemp's 0700)
     for name in folders:
         assert (d / name).stat().st_mode == (tmp_path / "plain").stat().st_mode, name
-        assert sorted(p.name for p in (d / name).iterdir()) == ["config.yaml", "mesh.glb", "mesh.json", "mesh.obj",
-                                                                 "mesh.ply", "mesh_turntable.mp4", "turntable.mp4"]
+        assert sorted(p.name for p in (d / name).iterdir()) == ["config.yaml", "index.html", "mesh.glb", "mesh.json",
+                                                                 "mesh.obj", "mesh.ply", "mesh_turntable.mp4",
+                                                                 "turntable.mp4"]
     assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temp folder left
 
 

@@ -94,6 +94,18 @@ def _blank_png() -> str:
     return str(path)
 
 
+def _first_view(strip: Path) -> str:
+    """The first (square) view of a 3D fit's strip of training views, cached in the temp folder."""
+    from PIL import Image
+
+    cached = Path(tempfile.gettempdir()) / "text2world-ui-thumbs" / f"{abs(hash((str(strip), strip.stat().st_mtime)))}.png"
+    if not cached.is_file():
+        cached.parent.mkdir(exist_ok=True)
+        with Image.open(strip) as image:
+            image.crop((0, 0, image.height, image.height)).save(cached)
+    return str(cached)
+
+
 class App:
     """The app's state: the output folder, the forms, and the one job running now (with its stop flag)."""
 
@@ -177,11 +189,11 @@ class App:
     def thumbnail(run: dict) -> str | None:
         """A picture of a run: its first image, the video's GIF, or the 3D fit's last training views."""
         path = run["path"]
-        for candidate in [*sorted(path.glob("image_*.png"))[:1], path / "preview.gif",
-                          *sorted(path.glob("val/*.png"))[-1:]]:
+        for candidate in [*sorted(path.glob("image_*.png"))[:1], path / "preview.gif"]:
             if candidate.is_file():
                 return str(candidate)
-        return None
+        views = sorted(path.glob("val/*.png"))  # a strip of views side by side: the first one
+        return _first_view(views[-1]) if views else None
 
 
 def _api_function(keys: list[str], call) -> Callable:
@@ -255,8 +267,8 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
                 config_text = gr.Code(label="config.yaml", language="yaml", interactive=False, max_lines=24)
             with gr.Column():
                 images = gr.Gallery(label="images", columns=2, visible=False)
+                model = gr.Model3D(label="mesh.glb", height=360, elem_id="runs-viewer")  # hidden, it never draws
                 video = gr.Video(label="video", visible=False)
-                model = gr.Model3D(label="mesh.glb", visible=False, height=360, elem_id="runs-viewer")
                 files = gr.File(label="files", file_count="multiple", visible=False)
                 with gr.Row():
                     again = gr.Button("Run again", visible=False)
@@ -279,7 +291,7 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
         return (heading, (path / "config.yaml").read_text(encoding="utf-8"),
                 gr.update(value=found["images"], visible=bool(found["images"])),
                 gr.update(value=clip, visible=bool(clip)),
-                gr.update(value=found["model"], visible=bool(found["model"])),
+                found["model"],
                 gr.update(value=found["files"] or None, visible=bool(found["files"])),
                 gr.update(visible=True), gr.update(visible=job == "3d" and not run["finished"]), run)
 

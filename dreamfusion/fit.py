@@ -23,7 +23,7 @@ from pipelines.config import changed, job_defaults
 from pipelines.errors import UserError
 from pipelines.loading import load_safetensors
 from pipelines.media import save_image, to_pil, write_mp4
-from pipelines.progress import Bar
+from pipelines.progress import Bar, check_cancelled
 from pipelines.prior import Conditioning, Prior
 from pipelines.rundir import RunDir
 from pipelines.runtime import Timer, atomic_path, pick_device, write_json
@@ -207,6 +207,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
                              batch, cfg, run.path, fitted_steps(run.path), progress=progress, log=log,
                              after_step=after_step, adam_eps=1e-15)
         write_json(log_file, log)
+        check_cancelled()  # a Cancel during the last step stops here, before the export, as Ctrl-C would
         save_asset(asset, run / WEIGHTS_NAME)
         with timer("export"):
             files = export_asset(asset, renderer, cfg, run.path, progress=progress)

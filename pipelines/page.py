@@ -10,6 +10,9 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
+from urllib.parse import quote
+
+import yaml
 
 from .runtime import write_text
 
@@ -27,7 +30,7 @@ a.file { display: inline-block; margin: 0 1em 0.4em 0; }
 
 
 def _link(path: Path, root: Path) -> str:
-    return html.escape(path.relative_to(root).as_posix(), quote=True)
+    return html.escape(quote(path.relative_to(root).as_posix()), quote=True)
 
 
 def _figure(path: Path, root: Path) -> str:
@@ -43,9 +46,9 @@ def render_index(root: Path, job: str) -> str:
     """The page for run folder `root` of job `job`, from the files it holds now."""
     root = Path(root)
     config_text = (root / "config.yaml").read_text(encoding="utf-8") if (root / "config.yaml").is_file() else ""
-    metadata = json.loads((root / "metadata.json").read_text()) if (root / "metadata.json").is_file() else {}
-    prompt = metadata.get("prompt") or next((ln[len("prompt:"):].strip().strip("'\"") for ln in config_text.splitlines()
-                                            if ln.startswith("prompt:")), "")
+    metadata = json.loads((root / "metadata.json").read_text(encoding="utf-8")) if (root / "metadata.json").is_file() else {}
+    saved = yaml.safe_load(config_text) if config_text else {}
+    prompt = str(metadata.get("prompt") or (saved.get("prompt") if isinstance(saved, dict) else None) or "")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.name != "index.html")
     media = [p for p in files if p.suffix.lower() in IMAGES + VIDEOS]
     meshes = [p for p in files if p.suffix.lower() in MESHES]

@@ -50,8 +50,8 @@ class RunDir:
         return self
 
     def __exit__(self, kind, error, traceback) -> None:
-        if kind is None:
-            self.write_index()
+        if kind is None:  # the run itself is complete; a page that cannot be written is a warning, not a failure
+            self._index_quietly()
             return
         if not self.fresh:  # a run made earlier, which failed to continue: left as it was
             return
@@ -69,7 +69,7 @@ class RunDir:
         """index.html: the folder's own page of its outputs and config, for a browser with no server."""
         return write_index(self.path, self.job)
 
-    def _index_quietly(self) -> None:  # while an error is on its way out: that error is the one to report
+    def _index_quietly(self) -> None:
         try:
             self.write_index()
         except Exception as e:

@@ -106,7 +106,7 @@ def install_dir(source: Path, target: Path) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: str | Path, data) -> None:

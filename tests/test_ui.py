@@ -331,3 +331,27 @@ def test_every_run_folder_has_its_page(tiny_3d_runs, tmp_path):
                      "--quiet"]) == 0
     [export] = [p for p in finished.iterdir() if p.name.startswith("export-")]
     assert (export / "index.html").is_file() and f"{export.name}/index.html" in (finished / "index.html").read_text()
+
+
+def test_cancel_is_the_pressing_sessions_and_reaches_a_waiting_job(tmp_path):
+    app = App(tmp_path, progress=False)
+    tab = next(t for t in TABS if t.job == "image")
+    cfg = app.forms["image"].config(values(app.forms["image"], steps=2))
+    app.running = "other"  # another session's job runs: my Cancel leaves it alone
+    app.cancel("mine")
+    assert not app.stop.is_set()
+    app.running = None
+    with pytest.raises(gr.Error, match="before it started"):  # my waiting job saw my Cancel
+        app.run_job(tab, cfg, "a red cube", lambda *a, **k: None, session="mine")
+    assert not (tmp_path / "image").exists()
+    assert app.run_job(tab, cfg, "a red cube", lambda *a, **k: None, session="mine").is_dir()  # the next one runs
+
+
+def test_optional_switches_and_whole_numbers_are_read_strictly():
+    f = form("image")
+    with pytest.raises(UserError, match="channels_last"):
+        f.config(values(f, channels_last="yes"))
+    assert f.config(values(f, channels_last="false")).channels_last is False
+    with pytest.raises(UserError, match="must be an integer"):
+        f.config(values(f, steps=2.5))
+    assert f.config(values(f, steps=3.0)).steps == 3

@@ -7,9 +7,11 @@ in this process, one at a time (Gradio's queue, one concurrency slot shared by e
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import logging
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -70,7 +72,7 @@ def component(inp: Input, shown) -> gr.components.Component:
     if inp.choices:
         return gr.Dropdown(choices=([("default", "")] if inp.optional else []) + [(c, c) for c in inp.choices], **common)
     if inp.kind in ("int", "float"):
-        return gr.Number(precision=0 if inp.kind == "int" else None, **common)
+        return gr.Number(**common)  # whole numbers are checked, not rounded: steps=2.5 fails as on the CLI
     return gr.Textbox(**common)
 
 
@@ -84,23 +86,21 @@ def outputs_of(job: str, run: Path) -> dict:
     return found
 
 
-def _blank_png() -> str:
+def _blank_png(folder: Path) -> str:
     """A grey square, the thumbnail of a run with no picture yet."""
     from PIL import Image
 
-    path = Path(tempfile.gettempdir()) / "text2world-ui-blank.png"
-    if not path.is_file():
-        Image.new("RGB", (64, 64), (200, 200, 200)).save(path)
-    return str(path)
+    Image.new("RGB", (64, 64), (200, 200, 200)).save(folder / "blank.png")
+    return str(folder / "blank.png")
 
 
-def _first_view(strip: Path) -> str:
-    """The first (square) view of a 3D fit's strip of training views, cached in the temp folder."""
+def _first_view(strip: Path, folder: Path) -> str:
+    """The first (square) view of a 3D fit's strip of training views, cached in the app's own scratch folder."""
     from PIL import Image
 
-    cached = Path(tempfile.gettempdir()) / "text2world-ui-thumbs" / f"{abs(hash((str(strip), strip.stat().st_mtime)))}.png"
+    key = hashlib.sha1(f"{strip.resolve()}:{strip.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = folder / f"{key}.png"
     if not cached.is_file():
-        cached.parent.mkdir(exist_ok=True)
         with Image.open(strip) as image:
             image.crop((0, 0, image.height, image.height)).save(cached)
     return str(cached)
@@ -112,25 +112,32 @@ class App:
     def __init__(self, out: str | Path = "outputs", progress: bool = True):
         self.out, self.progress = Path(out), progress
         self.forms = {t.job: Form(t.job, t.cls, t.section) for t in TABS}
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # set by Cancel from the session whose job is running
         self.busy = threading.Lock()  # one job at a time, even while a cancelled one is still unwinding
-        self.blank = _blank_png()
+        self.running: str | None = None  # the session whose job runs now
+        self.cancelled: set[str] = set()  # sessions that pressed Cancel while their job was still waiting
+        self.scratch = Path(tempfile.mkdtemp(prefix="text2world-ui-"))  # thumbnails
+        self.blank = _blank_png(self.scratch)
 
     # ------------------------------------------------------------------------------------------- jobs
-    def run_job(self, tab: Tab, cfg, prompt: str | None, progress: gr.Progress) -> Path:
+    def run_job(self, tab: Tab, cfg, prompt: str | None, progress: gr.Progress, session: str | None = None) -> Path:
         """Run one job to its run folder; its own errors become one-line gr.Errors, as the CLI prints them."""
         def report(desc: str, done: int, total: int | None) -> None:
             progress((done, total) if total else None, desc=desc)
 
         with self.busy:
+            if session in self.cancelled:  # Cancel was pressed while this job waited for the one before it
+                self.cancelled.discard(session)
+                raise gr.Error("Cancelled before it started.")
             self.stop.clear()
+            self.running = session
             try:
                 with watch(report, self.stop):
                     main = importlib.import_module(tab.module).main
                     runs = main(cfg, [prompt] if prompt is not None else None, self.out, progress=self.progress)
             except Cancelled:
-                raise gr.Error("Cancelled. Nothing was written, except a 3D fit's checkpoint: resume it from the "
-                               "Runs tab.") from None
+                raise gr.Error("Cancelled, as Ctrl-C would: a new run's folder is removed; a 3D fit keeps its "
+                               "checkpoint (Runs, then Resume).") from None
             except UserError as e:
                 raise gr.Error(str(e)) from None
             except Exception as e:
@@ -138,16 +145,19 @@ class App:
                 if reason is None:
                     raise
                 raise gr.Error(f"{reason}; free some space or start the app with --out DIR") from None
+            finally:
+                self.running = None
         return Path(runs[0])
 
-    def generate(self, tab: Tab, prompt: str, values: list, shown_model: str, progress: gr.Progress):
+    def generate(self, tab: Tab, prompt: str, values: list, shown_model: str, progress: gr.Progress,
+                 session: str | None = None):
         if not str(prompt or "").strip():
             raise gr.Error('The prompt is empty: write what to generate, e.g. "a red cube".')
         try:
             cfg = self.forms[tab.job].config(values, shown_model)
         except UserError as e:
             raise gr.Error(str(e)) from None
-        run = self.run_job(tab, cfg, prompt.strip(), progress)
+        run = self.run_job(tab, cfg, prompt.strip(), progress, session)
         return self.show(tab.job, run)
 
     def show(self, job: str, run: Path) -> tuple:
@@ -159,15 +169,19 @@ class App:
             return found["video"], found["gif"], str(run)
         return found["model"], found["turntable"], found["files"], str(run)
 
-    def resume(self, run: Path, progress: gr.Progress) -> Path:
+    def resume(self, run: Path, progress: gr.Progress, session: str | None = None) -> Path:
         """Continue an interrupted 3D run with its own options, as `run.py 3d --resume RUN_DIR`."""
         form = self.forms["3d"]
         cfg = form.config(form.defaults_for(form.model))
         cfg.resume = str(run)
-        return self.run_job(next(t for t in TABS if t.job == "3d"), cfg, None, progress)
+        return self.run_job(next(t for t in TABS if t.job == "3d"), cfg, None, progress, session)
 
-    def cancel(self) -> None:
-        self.stop.set()
+    def cancel(self, session: str | None = None) -> None:
+        """Cancel this session's job: the running one at its next step, or a waiting one before it starts."""
+        if self.running == session:
+            self.stop.set()
+        elif session is not None:
+            self.cancelled.add(session)
 
     # ------------------------------------------------------------------------------------------- runs
     def runs(self) -> list[dict]:
@@ -176,39 +190,53 @@ class App:
         for tab in TABS:
             for folder in (self.out / tab.job).glob("*/config.yaml"):
                 try:
-                    saved = yaml.safe_load(folder.read_text(encoding="utf-8")) or {}
-                except (OSError, yaml.YAMLError):
+                    saved = yaml.safe_load(folder.read_text(encoding="utf-8"))
+                    started = (folder.parent / "config.yaml").stat().st_mtime  # written once, when the run began
+                except (OSError, UnicodeDecodeError, yaml.YAMLError):
+                    continue  # gone, or not a run this app wrote: left out, not an error
+                if not isinstance(saved, dict):
                     continue
-                run = folder.parent
-                found.append({"path": run, "job": tab.job, "prompt": saved.get("prompt", ""),
-                              "model": saved.get("model", ""), "time": run.stat().st_mtime,
-                              "finished": (run / "metadata.json").is_file()})
+                found.append({"path": folder.parent, "job": tab.job, "prompt": str(saved.get("prompt", "")),
+                              "model": str(saved.get("model", "")), "time": started,
+                              "finished": (folder.parent / "metadata.json").is_file()})
         return sorted(found, key=lambda r: r["time"], reverse=True)
 
-    @staticmethod
-    def thumbnail(run: dict) -> str | None:
+    def thumbnail(self, run: dict) -> str | None:
         """A picture of a run: its first image, the video's GIF, or the 3D fit's last training views."""
         path = run["path"]
         for candidate in [*sorted(path.glob("image_*.png"))[:1], path / "preview.gif"]:
             if candidate.is_file():
                 return str(candidate)
         views = sorted(path.glob("val/*.png"))  # a strip of views side by side: the first one
-        return _first_view(views[-1]) if views else None
+        try:
+            return _first_view(views[-1], self.scratch) if views else None
+        except (OSError, ValueError):  # gone or damaged: no picture
+            return None
 
 
 def _api_function(keys: list[str], call) -> Callable:
     """fn(prompt, *values, shown_model, progress) with a signature naming each option (`guidance.scale` as
     `guidance__scale`), so the API's parameters have the options' names, and every one but the prompt a default."""
-    def fn(prompt, *rest, progress=gr.Progress()):
+    def fn(prompt, *rest, progress=gr.Progress(), request: gr.Request = None):
         *values, shown = rest
-        return call(prompt, list(values), shown, progress)
+        return call(prompt, list(values), shown, progress, _session(request))
 
-    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    kind, keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY
     fn.__signature__ = inspect.Signature(
         [inspect.Parameter("prompt", kind), *(inspect.Parameter(k.replace(".", "__"), kind, default=None) for k in keys),
          inspect.Parameter("shown_model", kind, default=None),
-         inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=gr.Progress())])
+         inspect.Parameter("progress", keyword, default=gr.Progress()),
+         inspect.Parameter("request", keyword, default=None, annotation=gr.Request)])
     return fn
+
+
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+def _markdown(text: str) -> str:
+    """`text` shown as itself in gr.Markdown: no link, image or emphasis a prompt could smuggle in."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
 
 
 def _tab(app: App, tab: Tab, tabs: gr.Tabs) -> dict:
@@ -236,19 +264,25 @@ def _tab(app: App, tab: Tab, tabs: gr.Tabs) -> dict:
                                gr.File(label="meshes", file_count="multiple")]
                 folder = gr.Textbox(label="run folder", interactive=False)
         shown_model = gr.State(form.model)  # the model whose defaults the form shows (see Form.config)
-    run = _api_function([i.key for i in form.ordered], lambda p, values, shown, progress: app.generate(
-        tab, p, values, shown, progress))
+    run = _api_function([i.key for i in form.ordered], lambda p, values, shown, progress, session: app.generate(
+        tab, p, values, shown, progress, session))
     job = {"inputs": [prompt, *fields, shown_model], "outputs": [*outputs, folder], "concurrency_limit": 1,
            "concurrency_id": "jobs"}
     generate.click(run, api_name=f"generate_{tab.job}", **job)
     prompt.submit(run, api_visibility="private", **job)
-    cancel.click(app.cancel, queue=False, api_visibility="private")
+    def cancel_mine(request: gr.Request):
+        app.cancel(_session(request))
+
+    cancel.click(cancel_mine, queue=False, api_visibility="private")
 
     model_field = fields[[i.key for i in form.ordered].index("model")]
 
     def switch_model(model, *values_and_shown):
         *values, old = values_and_shown
-        return [*form.switch(values, old, model), model or form.model]
+        try:
+            return [*form.switch(values, old, model), model or form.model]
+        except UserError as e:  # a preset that does not load: say so, and leave the form as it is
+            raise gr.Error(str(e)) from None
 
     model_field.input(switch_model, inputs=[model_field, *fields, shown_model], outputs=[*fields, shown_model],
                       api_visibility="private", queue=False)
@@ -285,10 +319,15 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
     def opened(runs, evt: gr.SelectData):
         run = runs[evt.index]
         path, job = Path(run["path"]), run["job"]
+        try:
+            text = (path / "config.yaml").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise gr.Error(f"{path} cannot be read any more; press Refresh") from None
         found = outputs_of(job, path)
         clip = found["video"] or found["turntable"]
-        heading = f"### {run['prompt']}\n{job} · {run['model']} · `{path}`" + ("" if run["finished"] else " · unfinished")
-        return (heading, (path / "config.yaml").read_text(encoding="utf-8"),
+        heading = (f"### {_markdown(run['prompt'])}\n{job} · {_markdown(run['model'])} · {_markdown(str(path))}"
+                   + ("" if run["finished"] else " · unfinished"))
+        return (heading, text,
                 gr.update(value=found["images"], visible=bool(found["images"])),
                 gr.update(value=clip, visible=bool(clip)),
                 found["model"],
@@ -301,7 +340,12 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
     def run_again(run):
         if run is None:
             raise gr.Error("Open a run first.")
-        saved = yaml.safe_load(Path(run["path"], "config.yaml").read_text(encoding="utf-8")) or {}
+        try:
+            saved = yaml.safe_load(Path(run["path"], "config.yaml").read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise gr.Error(f"{run['path']}/config.yaml cannot be read any more; press Refresh")
         values = []
         for job, part in parts.items():
             form = app.forms[job]
@@ -311,8 +355,8 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
                 values += [gr.update()] * (len(part["fields"]) + 2)
         return [gr.Tabs(selected=next(f"tab-{t.name}" for t in TABS if t.job == run["job"])), *values]
 
-    def resumed(run, progress=gr.Progress()):
-        found = outputs_of("3d", app.resume(Path(run["path"]), progress))
+    def resumed(run, progress=gr.Progress(), request: gr.Request = None):
+        found = outputs_of("3d", app.resume(Path(run["path"]), progress, _session(request)))
         return (gr.update(value=found["turntable"], visible=True), gr.update(value=found["model"], visible=True),
                 gr.update(value=found["files"], visible=True), gr.update(visible=False))
 
@@ -343,10 +387,14 @@ def main(cfg: UIConfig, out: str | Path = "outputs", progress: bool = True) -> N
     demo = build(app)
     demo.queue(default_concurrency_limit=1)
     logger.info("serving on http://%s:%d (outputs in %s)", cfg.host, cfg.port, Path(out).resolve())
-    demo.launch(**launch_options(out), server_name=cfg.host, server_port=cfg.port, share=cfg.share)
+    try:
+        demo.launch(**launch_options(out), server_name=cfg.host, server_port=cfg.port, share=cfg.share)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise UserError(f"cannot serve on {cfg.host}:{cfg.port}: {e}; pick another with port=N") from None
 
 
 def launch_options(out: str | Path) -> dict:
     """What every launch of the app passes: errors shown, the run folders servable, and no footer link to Gradio's
     own run history (the Runs tab is ours)."""
-    return {"show_error": True, "allowed_paths": [str(Path(out).resolve())], "footer_links": ["api", "settings"]}
+    served = [str((Path(out) / t.job).resolve()) for t in TABS]  # the jobs' run folders, not all of --out
+    return {"show_error": True, "allowed_paths": served, "footer_links": ["api", "settings"]}

@@ -54,7 +54,11 @@ class Input:
     def read(self, value: Any) -> Any:
         """A component's value as the config takes it (`pipelines.config.build` then checks its type and range)."""
         if self.kind == "optional-bool":
-            return None if value in (None, UNSET) else value == "true"
+            if value in (None, UNSET) or isinstance(value, bool):
+                return None if value == UNSET else value
+            if str(value).lower() not in ("true", "false"):
+                raise UserError(f"config key '{self.key}' must be {UNSET}, true or false, got {value!r}")
+            return str(value).lower() == "true"
         if self.kind == "list" and not self.choices:
             if value is None or not str(value).strip():
                 return None if self.optional else []

@@ -29,7 +29,7 @@ from pipelines.progress import Cancelled, watch
 from video.config import VideoConfig
 
 from .config import UIConfig
-from .form import Form, Input, model_choices, motion_choices
+from .form import UNSET, Form, Input, model_choices, motion_choices
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def component(inp: Input, shown) -> gr.components.Component:
     if inp.kind == "bool":
         return gr.Checkbox(**common)
     if inp.kind == "optional-bool":
-        return gr.Dropdown(choices=["default", "true", "false"], **common)
+        return gr.Dropdown(choices=[UNSET, "true", "false"], **common)
     if inp.kind == "list" and inp.choices:
         return gr.CheckboxGroup(choices=list(inp.choices), **common)
     if inp.choices:
@@ -239,7 +239,7 @@ def _markdown(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
 
 
-def _tab(app: App, tab: Tab, tabs: gr.Tabs) -> dict:
+def _tab(app: App, tab: Tab) -> dict:
     """One job's tab: prompt, common options, Advanced, Generate/Cancel, and its outputs."""
     form = app.forms[tab.job]
     defaults = form.defaults_for(form.model)
@@ -286,8 +286,7 @@ def _tab(app: App, tab: Tab, tabs: gr.Tabs) -> dict:
 
     model_field.input(switch_model, inputs=[model_field, *fields, shown_model], outputs=[*fields, shown_model],
                       api_visibility="private", queue=False)
-    return {"tab": tab, "prompt": prompt, "fields": fields, "shown_model": shown_model, "outputs": outputs,
-            "folder": folder}
+    return {"prompt": prompt, "fields": fields, "shown_model": shown_model}  # what Run again fills
 
 
 def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
@@ -376,7 +375,7 @@ def build(app: App) -> gr.Blocks:
                     "CLI's (`python run.py JOB --help`); runs are written under the output folder, each with an "
                     "index.html.")
         with gr.Tabs() as tabs:
-            parts = {t.job: _tab(app, t, tabs) for t in TABS}
+            parts = {t.job: _tab(app, t) for t in TABS}
             _runs_tab(app, tabs, parts)
     return demo
 

@@ -118,7 +118,9 @@ class Form:
 
     def __init__(self, job: str, cls: type, section: str | None):
         self.job, self.cls, self.section = job, cls, section
-        self.inputs = inputs(cls, config.job_defaults(cls, section))
+        defaults = config.job_defaults(cls, section)
+        self.model = defaults.model  # the model a plain command uses
+        self.inputs = inputs(cls, defaults)
         keys = [i.key for i in self.inputs]
         missing = [k for k in COMMON[job] if k not in keys]
         if missing:
@@ -150,11 +152,6 @@ class Form:
         `new`'s, options the user changed keep their values."""
         before, after = self.defaults_for(old or self.model), self.defaults_for(new or self.model)
         return [a if v == b else v for v, b, a in zip(values, before, after)]
-
-    @property
-    def model(self) -> str:
-        """The model a plain command uses."""
-        return config.job_defaults(self.cls, self.section).model
 
     def shown_config(self, saved: dict) -> list:
         """A run's saved config.yaml as the form's values ("Run again"); options it lacks keep their defaults."""

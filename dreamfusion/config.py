@@ -154,10 +154,10 @@ class RenderConfig:
     resolution: int = option(64, "training render size in pixels (renders are resized to guidance.encode_size)")
     samples_per_ray: int = option(64, "batched renderer: samples per ray inside the cube")
     stratified: bool = option(True, "jitter sample positions in training (never at evaluation)")
-    grid_resolution: int = option(64, "occupancy grid cells per axis")
-    grid_update_every: int = option(16, "refresh the occupancy grid every this many training steps")
+    grid_resolution: int = option(64, "occupancy grid cells per axis (both renderers: nerfacc's and the batched one's)")
+    grid_update_every: int = option(16, "refresh the occupancy grid every this many training steps (both renderers)")
     occupancy_threshold: float = option(0.01, "a grid cell is occupied when density * step exceeds this (0: wherever "
-                                              "the density is above 0)")
+                                              "the density is above 0; both renderers)")
     alpha_threshold: float = option(0.0, "skip samples whose alpha is below this (0 keeps all)")
     render_step_size: Optional[float] = option(None, "nerfacc: marching step (default 2 sqrt(3) bound / samples_per_ray)")
     renderer: str = option("auto", choices=RENDERERS, help="auto (nerfacc on CUDA, batched otherwise), batched or nerfacc")

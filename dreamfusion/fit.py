@@ -169,7 +169,10 @@ def main(cfg: ThreeDConfig, prompts: list[str] | None, out: str | Path = "output
     return [fit(cfg, p, out, progress) for p in (prompts or [None])]
 
 
-def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", progress: bool = True) -> Path:
+def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", progress: bool = True,
+        prior: Prior | None = None) -> Path:
+    """Fit and export one asset into a new run folder under `out` (or continue `cfg.resume`); `prior`: one
+    already loaded with `cfg`'s model options (the 4d job's static stage shares its own)."""
     from .export import check_resolution
 
     timer, started = Timer(), time.monotonic()
@@ -177,7 +180,7 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
     check_resolution(cfg.export.mesh_resolution)  # before hours of fitting, not after
     device = pick_device(cfg.device)
     with timer("load"):
-        prior = Prior.from_options(cfg, device)
+        prior = prior or Prior.from_options(cfg, device)
     if run is None:
         with RunDir.create(out, "3d", prompt) as run:  # a failed write removes the folder
             run.write_config(cfg, prompt=prompt)
@@ -221,25 +224,11 @@ def fit(cfg: ThreeDConfig, prompt: str | None, out: str | Path = "outputs", prog
 @torch.no_grad()
 def export_asset(asset: Asset, renderer, cfg: ThreeDConfig, folder: Path, progress: bool = True) -> dict[str, Path]:
     """Mesh files and both turntables of a trained asset into `folder` (nothing is written if the mesh fails)."""
-    from .export import (auto_iso_level, check_resolution, density_grid, extract_mesh, max_density_along_rays,
-                         render_mesh, write_meshes)
+    from .export import render_mesh, write_meshes
 
     out = cfg.export
-    check_resolution(out.mesh_resolution)
     device = next(asset.parameters()).device
-    field, bound = asset.field, cfg.field.bound
-    level = out.iso_level
-    if level is None:  # the level whose mesh silhouette best matches the NeRF's, over 8 views
-        cams = turntable_cameras(8, cfg, device)
-        origins, dirs = (rearrange(x, "b h w c -> (b h w) c") for x in camera_rays(cams, cfg.render.resolution))
-        albedo_only = lambda albedo, normals, points, ray_index: albedo  # noqa: E731  (opacity needs no shading)
-        opacity = renderer.render_rays(origins, dirs, field, asset.background, albedo_only,
-                                       chunk=cfg.render.chunk)["opacity"]
-        level = auto_iso_level(max_density_along_rays(field, origins, dirs, bound), opacity)
-        logger.info("automatic iso-level: %.3g", level)
-    grid = density_grid(field, out.mesh_resolution, bound, device=device)
-    mesh = extract_mesh(grid, bound, level, albedo_fn=lambda v: field(v)[1], keep_components=out.keep_components,
-                        device=device)
+    mesh, level = asset_mesh(asset, renderer, cfg)
     files = write_meshes(mesh, folder, out.formats)
     cams = turntable_cameras(out.turntable_frames, cfg, device)
     chunks = range(0, len(cams), 8)
@@ -254,6 +243,31 @@ def export_asset(asset: Asset, renderer, cfg: ThreeDConfig, folder: Path, progre
                                       "faces": len(mesh.faces), "watertight": bool(mesh.is_watertight),
                                       "mesh_resolution": out.mesh_resolution})
     return files
+
+
+@torch.no_grad()
+def asset_mesh(asset: Asset, renderer, cfg: ThreeDConfig, level: float | None = None):
+    """The asset's coloured mesh (trimesh, world frame) at `level`, else `export.iso_level`, else the level whose
+    mesh silhouette best matches the NeRF's over 8 views; and the level used."""
+    from .export import auto_iso_level, check_resolution, density_grid, extract_mesh, max_density_along_rays
+
+    out = cfg.export
+    check_resolution(out.mesh_resolution)
+    device = next(asset.parameters()).device
+    field, bound = asset.field, cfg.field.bound
+    level = out.iso_level if level is None else level
+    if level is None:
+        cams = turntable_cameras(8, cfg, device)
+        origins, dirs = (rearrange(x, "b h w c -> (b h w) c") for x in camera_rays(cams, cfg.render.resolution))
+        albedo_only = lambda albedo, normals, points, ray_index: albedo  # noqa: E731  (opacity needs no shading)
+        opacity = renderer.render_rays(origins, dirs, field, asset.background, albedo_only,
+                                       chunk=cfg.render.chunk)["opacity"]
+        level = auto_iso_level(max_density_along_rays(field, origins, dirs, bound), opacity)
+        logger.info("automatic iso-level: %.3g", level)
+    grid = density_grid(field, out.mesh_resolution, bound, device=device)
+    mesh = extract_mesh(grid, bound, level, albedo_fn=lambda v: field(v)[1], keep_components=out.keep_components,
+                        device=device)
+    return mesh, level
 
 
 def save_asset(asset: Asset, path: Path) -> None:

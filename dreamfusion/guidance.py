@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from pipelines.prior import Conditioning, Prior
 
@@ -49,14 +50,15 @@ class SDS:
         return self.prior.encode_images(images, generator, chunk=len(images))
 
     def grad(self, latents: torch.Tensor, text: Conditioning, t: torch.Tensor, noise: torch.Tensor,
-             negatives: list[Conditioning] | None = None) -> torch.Tensor:
-        """w(t) (eps_hat - eps) for latents (B, C, h, w), one t per sample; no graph is kept."""
+             negatives: list[Conditioning] | None = None, **denoiser) -> torch.Tensor:
+        """w(t) (eps_hat - eps) for latents (B, C, h, w), or clips (B, C, F, h, w) with a video `denoiser=`
+        (and its keywords, e.g. fps=), one t per sample; no graph is kept."""
         with torch.no_grad():
             x_t = self.prior.add_noise(latents.detach().float(), noise, t)
             if negatives:
                 eps_hat = self._perp_neg(x_t, t, text, negatives)
             else:
-                eps_hat = self.prior.predict_noise(x_t, t, text, self.cfg.scale)
+                eps_hat = self.prior.predict_noise(x_t, t, text, self.cfg.scale, **denoiser)
             w = self.weights[t].view(-1, *([1] * (latents.ndim - 1)))
             return torch.nan_to_num(w * (eps_hat - noise))
 
@@ -71,13 +73,17 @@ class SDS:
         return eps_u + self.cfg.scale * (d_pos - self.cfg.perp_neg_weight * d_neg)
 
     def loss(self, images: torch.Tensor, text: Conditioning, progress: float, generator: torch.Generator,
-             negatives: list[Conditioning] | None = None) -> tuple[torch.Tensor, dict]:
-        """The SDS loss of renders (B, 3, H, W) in [0, 1] under per-render prompts `text` (B rows)."""
+             negatives: list[Conditioning] | None = None, frames: int = 1, **denoiser) -> tuple[torch.Tensor, dict]:
+        """The SDS loss of renders (B, 3, H, W) in [0, 1] under per-render prompts `text` (B rows). With
+        `frames` F > 1 the renders are B / F clips, frame-major within each, scored as (B/F, C, F, h, w)
+        latents by the video UNet given as `denoiser=` (video SDS, as MAV3D: one t per clip)."""
         latents = self.encode(images, generator)
+        if frames > 1:
+            latents = rearrange(latents, "(b f) c h w -> b c f h w", f=frames)
         lo, hi = self.t_range(progress)
         t = torch.randint(lo, hi + 1, (len(latents),), generator=generator).to(latents.device)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        grad = self.grad(latents, text, t, noise, negatives)
+        grad = self.grad(latents, text, t, noise, negatives, **denoiser)
         target = (latents - grad).detach()
         loss = 0.5 * F.mse_loss(latents, target, reduction="sum") / len(latents)
         return loss, {"t": t, "grad_norm": grad.norm() / len(latents)}

@@ -242,7 +242,7 @@ class ModelPreset:
 
 
 PRESET_KEYS = ("path", "id", "revision", "motion", "interpolation")
-PRESET_SECTIONS = ("3d",)  # jobs whose defaults a model preset may change
+PRESET_SECTIONS = ("3d", "4d")  # jobs whose defaults a model preset may change
 
 
 def model_presets() -> dict[str, ModelPreset]:

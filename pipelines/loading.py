@@ -54,10 +54,14 @@ def resolve_model(name: str, revision: str | None = None) -> tuple[str, Path]:
 
 
 def preset_folder(model: str, key: str) -> str | None:
-    """A folder a model preset names (`motion:` or `interpolation:`), inside this repository, or None."""
+    """What a model preset names as `motion:` or `interpolation:`: a folder inside this repository, or a hub id
+    (returned as it is, e.g. an AnimateDiff adapter), or None."""
     preset = model_preset(model)
     value = getattr(preset, key) if preset is not None else None
-    return str(REPO_ROOT / value) if value else None
+    if not value:
+        return None
+    local = REPO_ROOT / value
+    return value if not local.exists() and looks_like_hub_id(value) else str(local)
 
 
 def looks_like_hub_id(name: str) -> bool:

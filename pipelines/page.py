@@ -1,7 +1,7 @@
 """index.html: a run folder's own page, opened from disk with no server and no network.
 
-It shows what the folder holds: images and GIFs, videos (with controls), mesh downloads, the training views of a
-3D fit, links to the nested runs of an eval, then the prompt, the config and the metadata. Every link is relative
+It shows what the folder holds: images and GIFs, videos (with controls), mesh downloads (a 4d run's per-frame
+meshes too), the training views of a 3D fit, links to the nested runs of an eval, then the prompt, the config and the metadata. Every link is relative
 and nothing is fetched from elsewhere: no scripts, no web fonts, the style inline.
 """
 
@@ -51,7 +51,7 @@ def render_index(root: Path, job: str) -> str:
     prompt = str(metadata.get("prompt") or (saved.get("prompt") if isinstance(saved, dict) else None) or "")
     files = sorted(p for p in root.iterdir() if p.is_file() and p.name != "index.html")
     media = [p for p in files if p.suffix.lower() in IMAGES + VIDEOS]
-    meshes = [p for p in files if p.suffix.lower() in MESHES]
+    meshes = [p for p in files if p.suffix.lower() in MESHES] + sorted((root / "frames").glob("frame_*.ply"))  # 4d
     views = sorted((root / "val").glob("*.png")) if (root / "val").is_dir() else []
     nested = sorted(p.parent for p in [*root.glob("*/index.html"), *root.glob("*/*/index.html")])  # exports, evals
     others = [p for p in files if p not in media and p not in meshes and p.name not in ("config.yaml", "metadata.json")]

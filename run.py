@@ -3,6 +3,7 @@
 
     python run.py image "a red cube" steps=20 guidance=5 seed=3
     python run.py 3d "a red cube" field.encoding=hashgrid export.formats=[glb]
+    python run.py 4d "a red ball moving right" dynamic.steps=300
     python run.py image steps=20 -- "style=anime cat"         # a prompt with an '=' goes after --
     accelerate launch run.py image --prompts prompts.txt      # prompts split across GPUs
 
@@ -52,6 +53,9 @@ JOBS: dict[str, dict[str | None, Job]] = {
     "3d": {None: Job("dreamfusion.config:ThreeDConfig", "dreamfusion.fit",
                      "text -> 3D asset: SDS from the prior into a NeRF, exported as OBJ/GLB/PLY + turntables",
                      section="3d", prompt=True)},
+    "4d": {None: Job("fourd.config:FourDConfig", "fourd.fit",
+                     "text -> moving 3D asset: the 3d fit, then video SDS through the motion layers moves it "
+                     "(MP4s, per-frame PLYs, animated GLB)", section="4d", prompt=True)},
     "export": {None: Job("dreamfusion.config:ExportConfig", "dreamfusion.reexport",
                          "re-export a 3d run (or its last checkpoint) with other mesh/turntable settings", run_dir=True)},
     "ui": {None: Job("ui.config:UIConfig", "ui.app",
@@ -74,6 +78,9 @@ JOBS: dict[str, dict[str | None, Job]] = {
         "3d": Job("evals.config:Eval3DConfig", "evals.threed",
                   "3D assets of colour x shape prompts: mesh IoU against the true primitive, judge on renders, views",
                   section="3d"),
+        "4d": Job("evals.config:Eval4DConfig", "evals.fourd",
+                  "moving 3D assets of shape x motion prompts: per-frame mesh IoU, the path against the motion word, colour",
+                  section="4d"),
     },
 }
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")

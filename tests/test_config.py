@@ -112,7 +112,8 @@ def test_model_presets_are_typed(tmp_path, monkeypatch):
 
     presets = config.model_presets()
     assert presets["toyworld"].path == "models/toyworld" and presets["toyworld"].motion == "models/toyworld-motion"
-    assert presets["sd15"].id and presets["sd15"].path is None and presets["sd15"].jobs == {}
+    assert presets["sd15"].id and presets["sd15"].path is None and "3d" not in presets["sd15"].jobs
+    assert presets["sd15"].motion == "guoyww/animatediff-motion-adapter-v1-5-2"  # SD + AnimateDiff for video and 4d
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "mine.yaml").write_text("path: somewhere\nmotoin: x\n")
     monkeypatch.setattr(config, "CONFIG_DIR", tmp_path)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # floor of each top-level package; a package imports only packages on lower floors, or itself
-FLOORS = {"pipelines": 1, "video": 2, "dreamfusion": 2, "toyworld": 2, "evals": 4, "run": 5, "ui": 5, "bench": 6}  # bench drives run.py
+FLOORS = {"pipelines": 1, "video": 2, "dreamfusion": 2, "toyworld": 2, "fourd": 3, "evals": 4, "run": 5, "ui": 5, "bench": 6}  # bench drives run.py
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -1,4 +1,4 @@
-"""Options of `run.py eval image|video|3d` and `train judge` (torch-free, for a fast --help)."""
+"""Options of `run.py eval image|video|3d|4d` and `train judge` (torch-free, for a fast --help)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from dreamfusion.config import ThreeDConfig
+from fourd.config import FourDConfig
 from pipelines.config import option
 from pipelines.errors import UserError
 from pipelines.options import SamplingOptions, check_seed
@@ -107,6 +108,39 @@ class Eval3DConfig(ThreeDConfig):
             unknown = [x for x in getattr(self, name) if x not in known]
             if unknown:
                 raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+
+    def grid(self) -> list[tuple[int, int]]:
+        return [(c, s) for c in _pick(self.colors, COLOR_NAMES) for s in _pick(self.shapes, SHAPES)]
+
+
+MOTIONS_4D = ("moving left", "moving right", "moving up", "moving down", "growing", "shrinking")
+
+
+@dataclass
+class Eval4DConfig(FourDConfig):
+    seeds: int = option(1, "assets per prompt (seeds seed, seed + 1, ...); one static asset per colour, shape and seed "
+                           "serves every motion")
+    colors: tuple[str, ...] = option(("red",), "colours of the prompt grid; [] for all")
+    shapes: tuple[str, ...] = option(("sphere", "cube"), "shapes of the prompt grid; [] for all")
+    motions: tuple[str, ...] = option(MOTIONS_4D, f"motions of the prompt grid, any of {', '.join(MOTIONS_4D)}")
+    judge: str = option(JUDGE, "the judge folder (made by `python run.py train judge`)")
+    iou_resolution: int = option(64, "sample points per side of the IoU grid")
+    rotations: int = option(36, "turns about the vertical axis tried for the best IoU")
+    resume: Optional[str] = option(None, "an eval 4d directory to continue: scored assets are kept, the rest are "
+                                         "fitted or finished (--resume)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1:
+            raise UserError("seeds and rotations must be at least 1, iou_resolution at least 8")
+        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS_4D)):
+            unknown = [x for x in getattr(self, name) if x not in known]
+            if unknown:
+                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+        if not self.motions or len(set(self.motions)) != len(self.motions):
+            raise UserError(f"motions must name each motion once, from {', '.join(MOTIONS_4D)}")
+        if self.static is not None:
+            raise UserError("eval 4d fits its own static assets: static= is for `run.py 4d`")
 
     def grid(self) -> list[tuple[int, int]]:
         return [(c, s) for c in _pick(self.colors, COLOR_NAMES) for s in _pick(self.shapes, SHAPES)]

@@ -31,6 +31,7 @@ TINY = {"image": {"steps": 3},
         "3d": {"steps": 4, "batch_size": 1, "render__resolution": 16, "render__samples_per_ray": 16,
                "export__mesh_resolution": 24, "export__turntable_frames": 3, "export__turntable_size": 16,
                "val_every": 2, "checkpoint_every": 2}}
+TINY["4d"] = {**TINY["3d"], "val_every": 0, "dynamic__steps": 2, "dynamic__frames": 3, "dynamic__hidden": 8}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = os.environ.get("UI_SCREENSHOTS")  # a folder to keep the browser test's screenshots in (docs/ui)
 
@@ -177,8 +178,9 @@ def api_runs(live):
     url, out = live
     client = Client(url, verbose=False)
     done = {}
-    for job, prompt in (("image", "a red cube"), ("video", "a red ball moving right"), ("3d", "a red cube")):
-        result = client.predict(prompt, **TINY[job], api_name=f"/generate_{'3d' if job == '3d' else job}")
+    for job, prompt in (("image", "a red cube"), ("video", "a red ball moving right"), ("3d", "a red cube"),
+                        ("4d", "a red ball moving right")):
+        result = client.predict(prompt, **TINY[job], api_name=f"/generate_{job}")
         done[job] = (result, Path(result[-1]))
     return done
 
@@ -195,7 +197,12 @@ def test_api_returns_each_jobs_output(api_runs, live):
 
     assert len(trimesh.load(glb, force="mesh").faces) > 0
     assert probe(turntable)["frames"] == 3 and sorted(Path(p).suffix for p in files) == [".glb", ".obj", ".ply"]
-    for folder in (image_run, video_run, run_3d):
+    (glb, video, orbit, files, _), run_4d = api_runs["4d"]
+    from fourd.gltf import read_frames
+
+    assert len(read_frames(glb)[1]) == 3 and probe(video)["frames"] == 3 and probe(orbit)["frames"] == 3
+    assert sorted(Path(p).name for p in files) == ["frame_000.ply", "frame_001.ply", "frame_002.ply", "mesh.glb"]
+    for folder in (image_run, video_run, run_3d, run_4d):
         assert (folder / "index.html").is_file() and (folder / "config.yaml").is_file()
 
 
@@ -277,7 +284,7 @@ def test_browser_generates_and_shows_the_3d_viewer(browser, live, api_runs, tmp_
 
 
 def test_index_html_plays_offline(browser, api_runs):
-    for job in ("image", "video", "3d"):
+    for job in ("image", "video", "3d", "4d"):
         folder = api_runs[job][1]
         page = browser.new_page()
         requests = []
@@ -293,6 +300,8 @@ def test_index_html_plays_offline(browser, api_runs):
             assert page.evaluate("document.querySelector('img').naturalWidth") > 0
         if job == "3d":
             assert page.locator("a[download]").count() == 3
+        if job == "4d":  # the animated GLB and each frame's PLY
+            assert page.locator("a[download]").count() == 4
         assert requests and all(u.startswith("file://") for u in requests), requests
         page.close()
 

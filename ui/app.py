@@ -23,6 +23,7 @@ import gradio as gr
 import yaml
 
 from dreamfusion.config import ThreeDConfig
+from fourd.config import FourDConfig
 from pipelines.errors import UserError, disk_error
 from pipelines.options import ImageConfig
 from pipelines.progress import Cancelled, watch
@@ -47,13 +48,15 @@ class Tab:
     @property
     def name(self) -> str:
         """The job as an HTML id (ids do not start with a digit)."""
-        return "threed" if self.job == "3d" else self.job
+        return {"3d": "threed", "4d": "fourd"}.get(self.job, self.job)
 
 
 TABS = (Tab("image", "Image", ImageConfig, "pipelines.image", None),
         Tab("video", "Video", VideoConfig, "video.pipeline", None),
-        Tab("3d", "3D", ThreeDConfig, "dreamfusion.fit", "3d"))
-EXAMPLES = {"image": "a red cube", "video": "a red ball moving right", "3d": "a red cube"}
+        Tab("3d", "3D", ThreeDConfig, "dreamfusion.fit", "3d"),
+        Tab("4d", "4D", FourDConfig, "fourd.fit", "4d"))
+RESUMABLE = ("3d", "4d")  # jobs the Runs tab's Resume continues
+EXAMPLES = {"image": "a red cube", "video": "a red ball moving right", "3d": "a red cube", "4d": "a red ball moving right"}
 
 
 def component(inp: Input, shown) -> gr.components.Component:
@@ -77,12 +80,13 @@ def component(inp: Input, shown) -> gr.components.Component:
 
 
 def outputs_of(job: str, run: Path) -> dict:
-    """What a finished run shows: `images`, `video`, `gif`, `model` (GLB), `turntable` and `files`."""
+    """What a finished run shows: `images`, `video`, `gif`, `model` (GLB), `turntable`, `orbit` and `files`."""
     found = {"images": sorted(str(p) for p in run.glob("image_*.png"))}
     for key, name in (("video", "video.mp4"), ("gif", "preview.gif"), ("model", "mesh.glb"),
-                      ("turntable", "turntable.mp4")):
+                      ("turntable", "turntable.mp4"), ("orbit", "orbit.mp4")):
         found[key] = str(run / name) if (run / name).is_file() else None
     found["files"] = [str(p) for p in sorted(run.glob("mesh.*")) if p.suffix in (".obj", ".mtl", ".glb", ".ply")]
+    found["files"] += [str(p) for p in sorted(run.glob("frames/frame_*.ply"))]  # a 4d run's per-frame meshes
     return found
 
 
@@ -167,14 +171,16 @@ class App:
             return found["images"], str(run)
         if job == "video":
             return found["video"], found["gif"], str(run)
+        if job == "4d":
+            return found["model"], found["video"], found["orbit"], found["files"], str(run)
         return found["model"], found["turntable"], found["files"], str(run)
 
-    def resume(self, run: Path, progress: gr.Progress, session: str | None = None) -> Path:
-        """Continue an interrupted 3D run with its own options, as `run.py 3d --resume RUN_DIR`."""
-        form = self.forms["3d"]
+    def resume(self, run: Path, progress: gr.Progress, session: str | None = None, job: str = "3d") -> Path:
+        """Continue an interrupted 3D or 4D run with its own options, as `run.py JOB --resume RUN_DIR`."""
+        form = self.forms[job]
         cfg = form.config(form.defaults_for(form.model))
         cfg.resume = str(run)
-        return self.run_job(next(t for t in TABS if t.job == "3d"), cfg, None, progress, session)
+        return self.run_job(next(t for t in TABS if t.job == job), cfg, None, progress, session)
 
     def cancel(self, session: str | None = None) -> None:
         """Cancel this session's job: the running one at its next step, or a waiting one before it starts."""
@@ -202,12 +208,14 @@ class App:
         return sorted(found, key=lambda r: r["time"], reverse=True)
 
     def thumbnail(self, run: dict) -> str | None:
-        """A picture of a run: its first image, the video's GIF, or the 3D fit's last training views."""
+        """A picture of a run: its first image, the video's GIF, or the first of a strip of views: a 4d run's
+        frames, or a 3D fit's (a 4d run's static fit's) last training views."""
         path = run["path"]
         for candidate in [*sorted(path.glob("image_*.png"))[:1], path / "preview.gif"]:
             if candidate.is_file():
                 return str(candidate)
-        views = sorted(path.glob("val/*.png"))  # a strip of views side by side: the first one
+        views = sorted(path.glob("val/*.png")) or sorted(path.glob("3d/*/val/*.png"))
+        views = [path / "frames.png"] if (path / "frames.png").is_file() else views
         try:
             return _first_view(views[-1], self.scratch) if views else None
         except (OSError, ValueError):  # gone or damaged: no picture
@@ -258,6 +266,11 @@ def _tab(app: App, tab: Tab) -> dict:
                     outputs = [gr.Gallery(label="images", columns=2, elem_id="image-gallery")]
                 elif tab.job == "video":
                     outputs = [gr.Video(label="video.mp4", autoplay=True, loop=True), gr.File(label="preview.gif")]
+                elif tab.job == "4d":
+                    outputs = [gr.Model3D(label="mesh.glb (animated)", elem_id="fourd-viewer", height=420),
+                               gr.Video(label="video.mp4", autoplay=True, loop=True),
+                               gr.Video(label="orbit.mp4", autoplay=True, loop=True),
+                               gr.File(label="meshes", file_count="multiple")]
                 else:
                     outputs = [gr.Model3D(label="mesh.glb", elem_id="threed-viewer", height=420),
                                gr.Video(label="turntable.mp4", autoplay=True, loop=True),
@@ -323,7 +336,7 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
         except (OSError, UnicodeDecodeError):
             raise gr.Error(f"{path} cannot be read any more; press Refresh") from None
         found = outputs_of(job, path)
-        clip = found["video"] or found["turntable"]
+        clip = found["video"] or found["turntable"]  # a 4d run's front video
         heading = (f"### {_markdown(run['prompt'])}\n{job} · {_markdown(run['model'])} · {_markdown(str(path))}"
                    + ("" if run["finished"] else " · unfinished"))
         return (heading, text,
@@ -331,7 +344,7 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
                 gr.update(value=clip, visible=bool(clip)),
                 found["model"],
                 gr.update(value=found["files"] or None, visible=bool(found["files"])),
-                gr.update(visible=True), gr.update(visible=job == "3d" and not run["finished"]), run)
+                gr.update(visible=True), gr.update(visible=job in RESUMABLE and not run["finished"]), run)
 
     # Run again fills the run's own tab: every tab's prompt, fields and shown model are outputs, the others unchanged.
     targets = [c for part in parts.values() for c in (part["prompt"], *part["fields"], part["shown_model"])]
@@ -355,8 +368,8 @@ def _runs_tab(app: App, tabs: gr.Tabs, parts: dict[str, dict]) -> None:
         return [gr.Tabs(selected=next(f"tab-{t.name}" for t in TABS if t.job == run["job"])), *values]
 
     def resumed(run, progress=gr.Progress(), request: gr.Request = None):
-        found = outputs_of("3d", app.resume(Path(run["path"]), progress, _session(request)))
-        return (gr.update(value=found["turntable"], visible=True), gr.update(value=found["model"], visible=True),
+        found = outputs_of(run["job"], app.resume(Path(run["path"]), progress, _session(request), run["job"]))
+        return (gr.update(value=found["turntable"] or found["video"], visible=True), gr.update(value=found["model"], visible=True),
                 gr.update(value=found["files"], visible=True), gr.update(visible=False))
 
     private = {"api_visibility": "private"}

@@ -24,6 +24,7 @@ COMMON = {
     "image": ("negative", "model", "steps", "guidance", "seed", "num_images"),
     "video": ("negative", "model", "motion", "frames", "fps", "steps", "guidance", "seed"),
     "3d": ("negative", "model", "steps", "seed", "guidance.scale", "export.formats"),
+    "4d": ("negative", "model", "motion", "steps", "dynamic.steps", "dynamic.guidance", "seed"),
 }
 SKIP = ("resume",)  # the Runs tab's Resume button continues a run
 MOTIONS = ("guoyww/animatediff-motion-adapter-v1-5-2",)  # beside the model presets' own temporal layers

@@ -171,7 +171,9 @@ def markdown(report: dict) -> str:
               f"{s['watertight_rate']:.3f}. Median minutes per asset (its static share included): {s['median_minutes']:.1f}.",
               "", "| motion | correct |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_motion_correct"].items()]
     lines += ["", "| shape | median per-frame IoU |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in s["per_shape_iou"].items()]
-    lines += ["", "| prompt | seed | IoU | correct | moved | largest step | colour | minutes |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", "'moved': first frame to last, the named way (world units along its axis, or log size; negative is the "
+              "wrong way), and how far it strayed across.", "",
+              "| prompt | seed | IoU | correct | moved | largest step | colour | minutes |", "|---|---|---|---|---|---|---|---|"]
     for r in report["assets"]:
         moved = f"{r['along']:+.3f} (across {r['across']:.3f})" if "along" in r else f"log size {r['growth']:+.3f}"
         lines.append(f"| {r['prompt']} | {r['seed']} | {r['iou']:.3f} | {'yes' if r['correct'] else 'no'} | {moved} | "

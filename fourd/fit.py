@@ -3,7 +3,7 @@
 1. Static: the 3D job's fit (`dreamfusion.fit.fit`, image SDS into a NeRF) runs as it is, into the run's
    `3d/` folder (or `static=RUN` names a finished 3d run to animate).
 2. Dynamic: the static field is frozen, and a deformation field (`fourd.field`) learns how it moves. Each
-   step renders one clip, F frames from one camera at times t_0 ... t_F, and scores it with video SDS through
+   step renders one clip, F frames from one camera at times t_1 ... t_F, and scores it with video SDS through
    the prior's UNet inflated with temporal layers (ours, or an AnimateDiff adapter), passed to the prior as
    its denoiser. A smoothness penalty on the motion over frames and an L1 penalty on the local deformation
    hold off flicker and drift. MAV3D's third stage (image SDS on single frames, against blur) has nothing
@@ -76,7 +76,7 @@ class Dynamic(nn.Module):
 
 
 def frame_times(frames: int) -> list[float]:
-    """The clip's F times tau in [-1, 1], the middle at 0 (where the asset is the static one)."""
+    """The clip's F times tau, evenly from -1 to 1: the middle, 0, is where the asset is the static one."""
     return torch.linspace(-1, 1, frames).tolist()
 
 

@@ -21,6 +21,14 @@ def _pick(chosen: tuple[str, ...], known: tuple[str, ...]) -> list[int]:
     return [i for i, x in enumerate(known) if not chosen or x in chosen]
 
 
+def _check_names(cfg, lists) -> None:
+    """Every name in each of cfg's (option, known names) lists must be a known one."""
+    for name, known in lists:
+        unknown = [x for x in getattr(cfg, name) if x not in known]
+        if unknown:
+            raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+
+
 @dataclass
 class EvalImageConfig(SamplingOptions):
     samples_per_prompt: int = option(4, "images generated per prompt")
@@ -76,10 +84,7 @@ class EvalVideoConfig(VideoConfig):
             raise UserError(f"masked_clips must be 0 or more, got {self.masked_clips}")
         if self.frames < 3:
             raise UserError(f"eval video needs at least 3 frames to judge motion, got {self.frames}")
-        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS)):
-            unknown = [x for x in getattr(self, name) if x not in known]
-            if unknown:
-                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+        _check_names(self, (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS)))
 
     def grid(self) -> list[tuple[int, int, int]]:
         return [(c, s, m) for c in _pick(self.colors, COLOR_NAMES) for s in _pick(self.shapes, SHAPES)
@@ -104,10 +109,7 @@ class Eval3DConfig(ThreeDConfig):
         super().validate()
         if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1 or min(self.views, self.view_frames) < 1:
             raise UserError("seeds, rotations, views and view_frames must be at least 1, iou_resolution at least 8")
-        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES)):
-            unknown = [x for x in getattr(self, name) if x not in known]
-            if unknown:
-                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+        _check_names(self, (("colors", COLOR_NAMES), ("shapes", SHAPES)))
 
     def grid(self) -> list[tuple[int, int]]:
         return [(c, s) for c in _pick(self.colors, COLOR_NAMES) for s in _pick(self.shapes, SHAPES)]
@@ -133,10 +135,7 @@ class Eval4DConfig(FourDConfig):
         super().validate()
         if self.seeds < 1 or self.iou_resolution < 8 or self.rotations < 1:
             raise UserError("seeds and rotations must be at least 1, iou_resolution at least 8")
-        for name, known in (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS_4D)):
-            unknown = [x for x in getattr(self, name) if x not in known]
-            if unknown:
-                raise UserError(f"unknown {name[:-1]} '{unknown[0]}': choose from {', '.join(known)}")
+        _check_names(self, (("colors", COLOR_NAMES), ("shapes", SHAPES), ("motions", MOTIONS_4D)))
         if not self.motions or len(set(self.motions)) != len(self.motions):
             raise UserError(f"motions must name each motion once, from {', '.join(MOTIONS_4D)}")
         if self.static is not None:

@@ -29,10 +29,11 @@ from dreamfusion.cameras import Cameras, orbit_cameras, sample_cameras
 from dreamfusion.config import ThreeDConfig
 from dreamfusion.fit import Asset, asset_mesh, fit as fit_static, load_asset, render, render_views, turntable_cameras
 from dreamfusion.guidance import SDS
-from dreamfusion.renderer import make_renderer
+from dreamfusion.renderer import BatchedRenderer, make_renderer
 from dreamfusion.shading import eval_shading
 from pipelines.config import changed, job_defaults
 from pipelines.errors import UserError
+from pipelines.loading import preset_folder
 from pipelines.media import save_image, to_pil, write_mp4
 from pipelines.progress import Bar, check_cancelled
 from pipelines.prior import Prior
@@ -169,7 +170,8 @@ def fit(cfg: FourDConfig, prompt: str | None, out: str | Path = "outputs", progr
     device = pick_device(cfg.device)
     with timer("load"):
         prior = Prior.from_options(cfg, device, speed_up=False)  # an adapter is fitted to the UNet as it was made
-        unet = load_motion(prior, cfg.motion or _preset_motion(cfg.model))
+        motion = cfg.motion or preset_folder(cfg.model, "motion")
+        unet = load_motion(prior, motion)
         prior.speed_up(cfg.fuse_qkv, cfg.channels_last, cfg.compile, cfg.cuda_graphs, denoiser=unet)
     if run is None:
         with RunDir.create(out, "4d", prompt) as run:  # a failed write removes the folder
@@ -204,9 +206,9 @@ def fit(cfg: FourDConfig, prompt: str | None, out: str | Path = "outputs", progr
         check_cancelled()
         save_motion(dynamic.motion, run / MOTION_NAME)
         with timer("export"):
-            files = export_4d(dynamic, renderer, objective.cfg, cfg, run.path, progress)
+            files = export_4d(dynamic, renderer, objective.cfg, run.path, progress)
         run.write_metadata(prompt=prompt, steps=done, static=str(static_dir), model=prior.model_id,
-                           model_hash=prior.content_hash(), motion=cfg.motion or _preset_motion(cfg.model),
+                           model_hash=prior.content_hash(), motion=motion,
                            device=str(device), timings_s=timer.stages,
                            files={k: str(Path(v).relative_to(run.path)) for k, v in files.items()})
         logger.info("4d asset written to %s", run.path)
@@ -226,15 +228,9 @@ def static_cfg_for_render(cfg: FourDConfig, static_cfg: ThreeDConfig) -> FourDCo
     return dataclasses.replace(cfg, field=static_cfg.field)
 
 
-def _preset_motion(model: str) -> str | None:
-    from pipelines.loading import preset_folder
-
-    return preset_folder(model, "motion")
-
-
 # ------------------------------------------------------------------------------------------- outputs
 @torch.no_grad()
-def export_4d(dynamic: Dynamic, renderer, cfg: FourDConfig, given: FourDConfig, folder: Path,
+def export_4d(dynamic: Dynamic, renderer, cfg: FourDConfig, folder: Path,
               progress: bool = True) -> dict[str, Path]:
     """video.mp4 (front camera), orbit.mp4 (the camera circles while time runs), frames/frame_XXX.ply (world
     frame, vertex colours), mesh.glb (morph targets a glTF viewer plays) and motion.json (the global path)."""
@@ -242,7 +238,8 @@ def export_4d(dynamic: Dynamic, renderer, cfg: FourDConfig, given: FourDConfig, 
 
     out, dyn, device = cfg.export, cfg.dynamic, next(dynamic.motion.parameters()).device
     taus = frame_times(dyn.frames)
-    renderer.grid.refresh(AnyFrame([dynamic.frame(t).field for t in taus])) if hasattr(renderer, "grid") else None
+    if isinstance(renderer, BatchedRenderer):  # nerfacc's grid holds every frame from the training updates
+        renderer.grid.refresh(AnyFrame([dynamic.frame(t).field for t in taus]))
     front = orbit_cameras(1, out.turntable_elevation, sum(cfg.camera.distance_range) / 2,
                           sum(cfg.camera.fov_range) / 2, device)
     clip = torch.cat([render_views(dynamic.frame(t), renderer, front, out.turntable_size, cfg)

@@ -144,7 +144,9 @@ def test_eval_3d_writes_a_report(tiny_sd, tmp_path):
     [d] = list((tmp_path / "eval").iterdir())
     report = json.loads((d / "report.json").read_text())
     s = report["summary"]
-    assert s["assets"] == 1 and 0 <= s["median_iou"] <= 1 and set(s["passes"]) >= {"median_iou", "view_agreement"}
+    assert s["assets"] == 1 and 0 <= s["median_iou"] <= 1 and "view_agreement" not in s["passes"]  # retired bar
+    assert s["passes"]["median_iou"] == (s["median_iou"] >= 0.8) and s["passes"]["janus_rate"] == (s["janus_rate"] <= 0.05)
+    assert s["passes"]["box_confused_shapes"] == (s["box_confused_shapes"] == 0) and "| janus_rate |" in (d / "report.md").read_text()
     assert len(report["assets"][0]["color_hits"]) == 4 and (d / "turntables.png").is_file() and (d / "report.md").is_file()
     assert len(report["assets"][0]["view_hits"]) == 4 and s["view_chance"] == 0.5  # front, side, back, side
     assert set(s["ground_truth"]) == {"color_accuracy", "shape_accuracy", "view_agreement", "janus_rate", "front_drawn_rate"}

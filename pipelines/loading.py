@@ -188,8 +188,12 @@ def load_components(path: Path, index: dict, allow_pickle: bool) -> dict:
 
 
 def check_finite(state: dict, source: Path) -> None:
-    """Refuse weights holding NaN or infinity (a corrupt file whose header still reads right)."""
+    """Refuse weights that are missing from the file (left on the meta device by the load) or hold NaN or infinity
+    (a corrupt file whose header still reads right)."""
     for key, tensor in state.items():
+        if tensor.is_meta:
+            raise UserError(f"{source} has no weights for {key}: the file does not match its config; re-download or "
+                            "re-export it")
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise UserError(f"{source} holds non-finite weights ({key}): the file is corrupt; re-download or re-export it")
 

@@ -2,7 +2,7 @@
 
 Each row is (job words, the words of the case, a fragment of the one-line message). In the words, these names are
 replaced by real things the `bad` fixture makes: TINY (a tiny SD folder), NAN (its UNet full of NaN), TRUNCATED,
-MISSING (no vae/), PICKLED (UNet as .bin), INDEX_LIST, INDEX_MODULE, NOT_MOTION, MOTION_BYTES, HUGE_PNG,
+MISSING (no vae/), MISSING_KEY (a UNet tensor left out), PICKLED (UNet as .bin), INDEX_LIST, INDEX_MODULE, NOT_MOTION, MOTION_BYTES, HUGE_PNG,
 NOT_IMAGE, BIG_PNG, MASKED (a masked-frame model), LATIN1_PROMPTS, LATIN1_CONFIG,
 BAD_YAML, LIST_YAML, VIDEOS_NONE, FINISHED (a finished 3d run), STOPPED
 (a stopped one), ASSET_TRUNCATED, ASSET_NAN, ADAPTER_BYTES/ADAPTER_NAN/ADAPTER_PICKLED (a MotionAdapter
@@ -53,8 +53,8 @@ CASES = [
     ("image", ["a cube", "steps=2.5"], "must be an integer"),
     ("image", ["a cube", "steps=true"], "must be an integer"),
     ("image", ["a cube", "allow_pickle=maybe"], "must be true or false"),
-    ("image", ["a cube", "guidance=.nan"], "guidance must be a finite number"),
-    ("image", ["a cube", "guidance=.inf"], "guidance must be a finite number"),
+    ("image", ["a cube", "guidance=.nan"], "'guidance' must be a finite number"),
+    ("image", ["a cube", "guidance=.inf"], "'guidance' must be a finite number"),
     ("image", ["a cube", "guidance=-1"], "guidance must be"),
     ("image", ["a cube", "guidance=lots"], "must be a number"),
     ("image", ["a cube", "beta_schedule=quadratic"], "unknown beta_schedule"),
@@ -82,6 +82,7 @@ CASES = [
     ("image", ["a cube", "model=MISSING"], "missing the 'vae' component"),
     ("image", ["a cube", "model=TRUNCATED"], "truncated or corrupt"),
     ("image", ["a cube", "model=NAN"], "non-finite weights"),
+    ("image", ["a cube", "model=MISSING_KEY"], "has no weights for conv_out.weight"),
     ("image", ["a cube", "model=PICKLED"], "allow_pickle=true"),
     ("image", ["a cube", "model=INDEX_LIST"], "must map component names to [library, class]"),
     ("image", ["a cube", "model=INDEX_MODULE"], "only diffusers and transformers classes load"),
@@ -92,7 +93,7 @@ CASES = [
     ("video", ["a ball", "model=TINY", *V, "fps=0"], "fps must be between 0.1 and 1000"),
     ("video", ["a ball", "model=TINY", *V, "fps=0.0001"], "fps must be between 0.1 and 1000"),
     ("video", ["a ball", "model=TINY", *V, "fps=-3"], "fps must be between"),
-    ("video", ["a ball", "model=TINY", *V, "fps=.inf"], "fps must be between"),
+    ("video", ["a ball", "model=TINY", *V, "fps=.inf"], "'fps' must be a finite number"),
     ("video", ["a ball", "model=TINY", *V, "height=31"], "not a multiple of the VAE factor"),
     ("video", ["a ball", "model=TINY", *V, "steps=5000"], "more than the model's 1000 training timesteps"),
     ("video", ["a ball", "model=TINY", *V, "seed=99999999999999999999999"], "seed must be between"),
@@ -121,6 +122,9 @@ CASES = [
     ("3d", ["a cube", "model=TINY", "render.resolution=0"], "render.resolution must be at least 1"),
     ("3d", ["a cube", "model=TINY", "render.renderer=optix"], "unknown render.renderer"),
     ("3d", ["a cube", "model=TINY", "guidance.scale=-1"], "guidance.scale must be a finite number >= 0"),
+    ("3d", ["a cube", "model=TINY", "field.blob_density=nan"], "'field.blob_density' must be a finite number"),
+    ("3d", ["a cube", "model=TINY", "export.iso_level=.inf"], "'export.iso_level' must be a finite number"),
+    ("3d", ["a cube", "model=TINY", "camera.azimuth_range=[.nan, 1]"], "'camera.azimuth_range' must be a finite"),
     ("3d", ["a cube", "model=TINY", "guidance.t_min=0.99"], "need 0 <= guidance.t_min < t_max"),
     ("3d", ["a cube", "model=TINY", "guidance.weighting=loud"], "unknown guidance.weighting"),
     ("3d", ["a cube", "model=TINY", "field.bound=0"], "field.bound must be positive"),
@@ -158,6 +162,8 @@ CASES = [
     ("train", ["temporal", "model=TINY", *TT, "fps_choices=[]"], "fps_choices must list positive"),
     ("train", ["temporal", "model=TINY", *TT, "data=NOWHERE"], "neither 'toyworld' nor a folder"),
     ("train", ["temporal", "model=TINY", *TT, "data=VIDEOS_NONE"], "holds no readable video"),
+    ("train", ["temporal", "model=TINY", *TT, "init=NOWHERE"], "is not a folder of temporal layers"),
+    ("train", ["interpolation", "model=TINY", *TT, "init=TINY"], "is not a folder of temporal layers"),
     ("train", ["temporal", "model=TINY", *TT, "layers.shift_rank=-1"], "layers.shift_rank >= 0"),
     ("train", ["temporal", "model=TINY", *TT, "seed=99999999999999999999999"], "seed must be between"),
     ("train", ["temporal", "model=TINY", *TT, "grad_accum=0"], "grad_accum must be at least 1"),
@@ -208,6 +214,15 @@ def bad(tiny_sd, tiny_3d_runs, tmp_path_factory) -> dict[str, str]:
     unet = "unet/diffusion_pytorch_model.safetensors"
     model_copy("TRUNCATED", lambda f: (f / unet).write_bytes((f / unet).read_bytes()[: (f / unet).stat().st_size // 2]))
     model_copy("MISSING", lambda f: shutil.rmtree(f / "vae"))
+
+    def missing_key(f):
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(f / unet)
+        del state["conv_out.weight"]
+        save_file(state, f / unet)
+
+    model_copy("MISSING_KEY", missing_key)
 
     def nan_payload(path: Path):  # the header stays right, every weight byte is 0xFF (NaN in float32)
         data = path.read_bytes()
@@ -322,6 +337,15 @@ def test_bad_input(job, words, message, bad, tmp_path, capsys):
     assert message in err, err
     assert snapshot(out) == {} or not [p for p in out.rglob("*") if p.is_file()], "something was written"
     assert {str(w): snapshot(w) for w in watched} == before, "an existing folder changed"
+
+
+def test_ui_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    assert run.main(["ui", "--out", str(taken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot create output directory") and "\n" not in err, err
+    assert taken.read_text() == "mine"
 
 
 def test_an_installed_module_that_model_index_names_is_never_imported(bad, tmp_path, capsys):

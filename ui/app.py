@@ -394,8 +394,11 @@ def build(app: App) -> gr.Blocks:
 
 
 def main(cfg: UIConfig, out: str | Path = "outputs", progress: bool = True) -> None:
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {out}: {e.strerror}; pass --out DIR with a writable DIR") from None
     app = App(out, progress)
-    Path(out).mkdir(parents=True, exist_ok=True)
     demo = build(app)
     demo.queue(default_concurrency_limit=1)
     logger.info("serving on http://%s:%d (outputs in %s)", cfg.host, cfg.port, Path(out).resolve())

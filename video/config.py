@@ -15,6 +15,8 @@ MAX_FRAMES = 256  # longer than the trained window: temporal attention runs in o
 MIN_FPS, MAX_FPS = 0.1, 1000.0
 MASK_MODES = ("none", "first", "interpolation", "mixed")
 LOSS_WEIGHTINGS = ("eps", "v")
+WEIGHTS_NAME = "temporal_layers.safetensors"  # a folder of temporal layers: their weights
+CONFIG_NAME = "temporal_config.json"  # and the LayerOptions they were made with
 
 
 @dataclass
@@ -117,6 +119,9 @@ class TrainTemporalConfig(TrainingOptions):
             raise UserError(f"noise_start is a fraction of clips in [0, 1], got {self.noise_start}")
         if self.data != "toyworld" and not Path(self.data).is_dir():
             raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
+        if self.init is not None and not all((Path(self.init) / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+            raise UserError(f"init={self.init} is not a folder of temporal layers ({WEIGHTS_NAME} + {CONFIG_NAME}, "
+                            "made by `python run.py train temporal`)")
 
     @property
     def stage(self) -> str:

@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import LayerOptions
+from .config import CONFIG_NAME, WEIGHTS_NAME, LayerOptions
 
-WEIGHTS_NAME = "temporal_layers.safetensors"
-CONFIG_NAME = "temporal_config.json"
 
 
 @dataclass(kw_only=True)

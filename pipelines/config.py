@@ -198,8 +198,15 @@ def describe(cfg, prefix: str = "") -> list[tuple[str, str, str]]:
         if dataclasses.is_dataclass(value):
             rows += describe(value, prefix + f.name + ".")
             continue
-        rows.append((prefix + f.name, repr(value) if isinstance(value, str) else str(value), f.metadata.get("help", "")))
+        rows.append((prefix + f.name, repr(value) if isinstance(value, str) else _shown(value), f.metadata.get("help", "")))
     return rows
+
+
+def _shown(value: Any) -> str:
+    """A default as it is typed: lists and tuples as [a, b] (a tuple's "(a, b)" would be refused on the command line)."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
 
 
 def flatten(data: dict, prefix: str = "") -> dict:

@@ -129,6 +129,19 @@ def test_help_lists_every_option():
         assert key in proc.stdout and meaning in proc.stdout
 
 
+def test_help_defaults_read_back_as_themselves():
+    """Each default as --help shows it, typed back as key=value, gives the same config (lists as [a, b])."""
+    from dreamfusion.config import ThreeDConfig
+    from pipelines.config import build, describe, flatten, job_defaults, parse_overrides, to_dict, unflatten
+
+    defaults = job_defaults(ThreeDConfig, "3d")
+    shown = [f"{key}={value}" for key, value, _ in describe(defaults) if value != "None"]
+    assert any(w.startswith("camera.elevation_range=[") for w in shown) and "export.formats=[obj, glb, ply]" in shown
+    typed = flatten(to_dict(build(ThreeDConfig, unflatten(parse_overrides(shown)))))
+    expected = flatten(to_dict(defaults))
+    assert {k: typed[k] for k in flatten(parse_overrides(shown))} == {k: expected[k] for k in flatten(parse_overrides(shown))}
+
+
 def test_3d_help_shows_toyworlds_recipe_by_group_and_says_whose_it_is():
     from run import JOBS, options_help
 

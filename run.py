@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import config
-from pipelines.errors import UserError, disk_error
+from pipelines.errors import UserError, disk_error, not_a_file
 
 
 @dataclass(frozen=True)
@@ -163,7 +163,7 @@ def read_prompts(words: list[str], prompts_file: str | None) -> list[str]:
             raise UserError("give either a prompt or --prompts FILE, not both")
         path = Path(prompts_file)
         if not path.is_file():
-            raise UserError(f"prompts file {path} does not exist")
+            raise not_a_file(f"prompts file {path}", path)
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             if "resume" not in {f.name for f in dataclasses.fields(cls)}:
                 raise UserError(f"{args.job} {what} cannot be resumed: start it again")
             overrides = overrides + [f"resume={resume}"]
+        if hasattr(args, "out") and not str(args.out).strip():
+            raise UserError("--out is empty: pass --out DIR, or leave it out for outputs/")
         cfg = config.load(cls, job.section, overrides, args.config)
         configure_logging(args.quiet)
         runner = importlib.import_module(job.module).main

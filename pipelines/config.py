@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, not_a_file
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -42,7 +42,7 @@ def group(cls: type, help: str) -> Any:
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"config file {path} does not exist")
+        raise not_a_file(f"config file {path}", path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:

@@ -13,6 +13,14 @@ class UserError(Exception):
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
+def not_a_file(shown: str, path: str | os.PathLike) -> UserError:
+    """The error for a file option (`shown`, e.g. "config file x.yaml") whose path is not a file: missing, a folder,
+    or something else such as a device."""
+    why = ("is a folder, not a file" if os.path.isdir(path) else
+           "is not a regular file" if os.path.exists(path) else "does not exist")
+    return UserError(f"{shown} {why}")
+
+
 def disk_error(e: Exception) -> str | None:
     """'cannot write ...' when `e` says the disk is full or read-only, else None: an OSError with that errno, or
     safetensors' SafetensorError, which wraps the OS error in its text ("... (os error 28)")."""

@@ -39,6 +39,9 @@ CASES = [
     ("image", ["a cube", "--config", "BAD_YAML"], "is not valid YAML"),
     ("image", ["a cube", "--config", "LIST_YAML"], "must hold a mapping"),
     ("image", ["a cube", "--config", "NOWHERE"], "does not exist"),
+    ("image", ["a cube", "--config", "TINY"], "is a folder, not a file"),
+    ("image", ["a cube", "--config", "/dev/null"], "is not a regular file"),
+    ("image", ["--prompts", "TINY"], "is a folder, not a file"),
     ("image", ["a cube", "--bogus"], "unrecognized arguments"),
     ("paint", ["a cube"], "invalid choice"),
     ("train", ["painting"], "choose one of prior, judge, temporal, interpolation"),
@@ -109,6 +112,7 @@ CASES = [
     ("video", ["a ball", "model=TINY", *V, "interpolate_strength=0"], "interpolate_strength must be in (0, 1]"),
     ("video", ["a ball", "model=TINY", *V, "interpolate=2"], "need a masked-frame model"),
     ("video", ["a ball", "model=TINY", *V, "image=NOWHERE"], "does not exist"),
+    ("video", ["a ball", "model=TINY", *V, "image=TINY"], "is a folder, not a file"),
     ("video", ["a ball", "model=TINY", *V, "image=NOT_IMAGE", "masked_motion=NOT_MOTION"], "is not a motion module"),
     ("video", ["a ball", "model=TINY", *V, "image=NOT_IMAGE", "masked_motion=MASKED"], "cannot be read as an image"),
     ("video", ["a ball", "model=TINY", *V, "image=HUGE_PNG", "masked_motion=MASKED"], "cannot be read as an image"),
@@ -337,6 +341,14 @@ def test_bad_input(job, words, message, bad, tmp_path, capsys):
     assert message in err, err
     assert snapshot(out) == {} or not [p for p in out.rglob("*") if p.is_file()], "something was written"
     assert {str(w): snapshot(w) for w in watched} == before, "an existing folder changed"
+
+
+def test_empty_out_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run.main(["image", "a red cube", "--out", " "]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --out is empty: pass --out DIR, or leave it out for outputs/", err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_ui_out_that_is_a_file_is_one_line(tmp_path, capsys):

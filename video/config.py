@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipelines.config import group, option
-from pipelines.errors import UserError
+from pipelines.errors import UserError, not_a_file
 from pipelines.options import SamplingOptions
 from pipelines.options import TrainingOptions
 
@@ -50,7 +50,7 @@ class VideoConfig(SamplingOptions):
         if not 0 < self.interpolate_strength <= 1:
             raise UserError(f"interpolate_strength must be in (0, 1], got {self.interpolate_strength}")
         if self.image is not None and not Path(self.image).is_file():
-            raise UserError(f"image={self.image} does not exist")
+            raise not_a_file(f"image={self.image}", self.image)
 
     @property
     def output_fps(self) -> float:

@@ -23,6 +23,15 @@ from .runtime import command_line, slugify, versions, write_json, write_text, wr
 logger = logging.getLogger(__name__)
 
 
+def make_output_dir(root: Path) -> Path:
+    """Create `root` (and its parents) for outputs, or say in one line why it cannot be."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
+    return root
+
+
 def new_folder(parent: Path, stem: str, what: str, sep: str = "-") -> Path:
     """Create and return the first of parent/stem, parent/stem<sep>2, ... that does not exist yet. Each `mkdir` is
     exclusive, so processes started in the same second never share one."""
@@ -84,11 +93,7 @@ class RunDir:
     @classmethod
     def create(cls, out: str | Path, job: str, name: str) -> RunDir:
         """A fresh folder OUT/job/<time>-<slug of name>; never an existing one."""
-        root = Path(out) / job
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create output directory {root}: {e.strerror}; pass --out DIR with a writable DIR") from None
+        root = make_output_dir(Path(out) / job)
         if not os.access(root, os.W_OK):
             raise UserError(f"output directory {root} is not writable; pass --out DIR with a writable DIR")
         return cls(new_folder(root, f"{datetime.now():%Y%m%d-%H%M%S}-{slugify(name)}", "run"), fresh=True, job=job)

@@ -137,9 +137,10 @@ def test_help_defaults_read_back_as_themselves():
     defaults = job_defaults(ThreeDConfig, "3d")
     shown = [f"{key}={value}" for key, value, _ in describe(defaults) if value != "None"]
     assert any(w.startswith("camera.elevation_range=[") for w in shown) and "export.formats=[obj, glb, ply]" in shown
+    keys = flatten(parse_overrides(shown))
     typed = flatten(to_dict(build(ThreeDConfig, unflatten(parse_overrides(shown)))))
     expected = flatten(to_dict(defaults))
-    assert {k: typed[k] for k in flatten(parse_overrides(shown))} == {k: expected[k] for k in flatten(parse_overrides(shown))}
+    assert {k: typed[k] for k in keys} == {k: expected[k] for k in keys}
 
 
 def test_3d_help_shows_toyworlds_recipe_by_group_and_says_whose_it_is():

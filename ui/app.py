@@ -27,6 +27,7 @@ from fourd.config import FourDConfig
 from pipelines.errors import UserError, disk_error
 from pipelines.options import ImageConfig
 from pipelines.progress import Cancelled, watch
+from pipelines.rundir import make_output_dir
 from video.config import VideoConfig
 
 from .config import UIConfig
@@ -394,10 +395,7 @@ def build(app: App) -> gr.Blocks:
 
 
 def main(cfg: UIConfig, out: str | Path = "outputs", progress: bool = True) -> None:
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create output directory {out}: {e.strerror}; pass --out DIR with a writable DIR") from None
+    make_output_dir(Path(out))
     app = App(out, progress)
     demo = build(app)
     demo.queue(default_concurrency_limit=1)

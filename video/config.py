@@ -19,6 +19,11 @@ WEIGHTS_NAME = "temporal_layers.safetensors"  # a folder of temporal layers: the
 CONFIG_NAME = "temporal_config.json"  # and the LayerOptions they were made with
 
 
+def is_temporal_folder(path: str | Path) -> bool:
+    """Whether `path` holds temporal layers as `train temporal` saves them."""
+    return all((Path(path) / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME))
+
+
 @dataclass
 class VideoConfig(SamplingOptions):
     frames: int = option(16, f"number of frames (1..{MAX_FRAMES})")
@@ -119,7 +124,7 @@ class TrainTemporalConfig(TrainingOptions):
             raise UserError(f"noise_start is a fraction of clips in [0, 1], got {self.noise_start}")
         if self.data != "toyworld" and not Path(self.data).is_dir():
             raise UserError(f"data={self.data} is neither 'toyworld' nor a folder of videos")
-        if self.init is not None and not all((Path(self.init) / name).is_file() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+        if self.init is not None and not is_temporal_folder(self.init):
             raise UserError(f"init={self.init} is not a folder of temporal layers ({WEIGHTS_NAME} + {CONFIG_NAME}, "
                             "made by `python run.py train temporal`)")
 

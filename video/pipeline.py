@@ -23,7 +23,7 @@ from pipelines.rundir import RunDir
 from pipelines.runtime import Timer, pick_device
 from pipelines.sampling import initial_noise, sample
 
-from .config import VideoConfig
+from .config import VideoConfig, is_temporal_folder
 from .temporal import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, fuse_windows, inflate
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def load_motion(prior: Prior, motion: str | None) -> nn.Module:
         return inflate(prior.unet)
     folder = _motion_folder(motion)
     try:
-        if (folder / WEIGHTS_NAME).is_file() and (folder / CONFIG_NAME).is_file():
+        if is_temporal_folder(folder):
             return inflate(prior.unet, weights=folder)
         if _is_motion_adapter(folder):
             return AnimateDiffUNet.from_adapter(prior.unet, folder)

@@ -24,7 +24,6 @@ from torch import nn
 from .config import CONFIG_NAME, WEIGHTS_NAME, LayerOptions
 
 
-
 @dataclass(kw_only=True)
 class TemporalConfig(LayerOptions):
     """Sizes of the temporal layers (saved next to their weights): a training run's `layers.` options and these."""
